@@ -1,0 +1,178 @@
+// pybind11 bindings for engine._C: convert numpy arrays to TensorViews (no
+// copies), release the GIL, call the launcher. Validation lives in the launchers.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+#include <pybind11/numpy.h>
+
+#include <optional>
+#include <string>
+
+#include "engine/check.h"
+#include "engine/ops.h"
+
+namespace py = pybind11;
+using engine::DType;
+using engine::TensorView;
+
+namespace {
+
+DType dtype_of(const py::array& a, const char* op, const char* arg) {
+  py::dtype dt = a.dtype();
+  char kind = dt.kind();
+  auto size = dt.itemsize();
+  if (kind == 'f' && size == 4) return DType::f32;
+  if (kind == 'f' && size == 2) return DType::f16;
+  if (kind == 'i' && size == 4) return DType::i32;
+  if (kind == 'i' && size == 8) return DType::i64;
+  if (kind == 'u' && size == 1) return DType::u8;
+  if (kind == 'u' && size == 8) return DType::u64;
+  std::string name = py::str(dt.attr("name"));
+  if (name == "bfloat16") return DType::bf16;
+  engine::fail(op, std::string(arg) + " has unsupported dtype " + name);
+}
+
+TensorView view_of(const py::array& a, const char* op, const char* arg, bool is_output = false) {
+  TensorView t;
+  engine::check(a.ndim() <= engine::kMaxDims, op,
+                std::string(arg) + " has " + std::to_string(a.ndim()) + " dims; at most 4 are supported");
+  if (is_output)
+    engine::check(a.writeable(), op, std::string(arg) + " must be a writeable array");
+  t.dtype = dtype_of(a, op, arg);
+  t.ndim = static_cast<int>(a.ndim());
+  auto itemsize = static_cast<int64_t>(a.itemsize());
+  for (int i = 0; i < t.ndim; ++i) {
+    t.shape[i] = a.shape(i);
+    int64_t s = a.strides(i);
+    engine::check(s % itemsize == 0 && s >= 0, op,
+                  std::string(arg) + " has a stride that is negative or not a multiple of its item size");
+    t.strides[i] = s / itemsize;
+  }
+  t.data = const_cast<void*>(a.data());
+  return t;
+}
+
+TensorView optional_view(const std::optional<py::array>& a, const char* op, const char* arg) {
+  return a ? view_of(*a, op, arg) : TensorView{};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "engine's CPU kernels";
+
+  m.def("isa", &engine::isa, "The instruction set in use: avx512, avx2 or portable.");
+  m.def("best_isa", &engine::best_isa, "The best instruction set this CPU supports.");
+  m.def("set_isa", &engine::set_isa, py::arg("name"),
+        "Use the named instruction set (avx512, avx2, portable); ValueError if the CPU lacks it.");
+
+  m.def(
+      "matmul",
+      [](py::array x, py::array w, std::optional<py::array> bias, py::array out) {
+        auto xv = view_of(x, "matmul", "x"), wv = view_of(w, "matmul", "w");
+        auto bv = optional_view(bias, "matmul", "bias"), ov = view_of(out, "matmul", "out", true);
+        py::gil_scoped_release nogil;
+        engine::matmul(xv, wv, bv, ov);
+      },
+      py::arg("x").noconvert(), py::arg("w").noconvert(), py::arg("bias").noconvert() = py::none(),
+      py::arg("out").noconvert());
+
+  m.def(
+      "rms_norm",
+      [](py::array x, py::array weight, double eps, py::array out) {
+        auto xv = view_of(x, "rms_norm", "x"), wv = view_of(weight, "rms_norm", "weight");
+        auto ov = view_of(out, "rms_norm", "out", true);
+        py::gil_scoped_release nogil;
+        engine::rms_norm(xv, wv, eps, ov);
+      },
+      py::arg("x").noconvert(), py::arg("weight").noconvert(), py::arg("eps"),
+      py::arg("out").noconvert());
+
+  m.def(
+      "fused_add_rms_norm",
+      [](py::array x, py::array residual, py::array weight, double eps) {
+        const char* op = "fused_add_rms_norm";
+        auto xv = view_of(x, op, "x", true), rv = view_of(residual, op, "residual", true);
+        auto wv = view_of(weight, op, "weight");
+        py::gil_scoped_release nogil;
+        engine::fused_add_rms_norm(xv, rv, wv, eps);
+      },
+      py::arg("x").noconvert(), py::arg("residual").noconvert(), py::arg("weight").noconvert(),
+      py::arg("eps"));
+
+  m.def(
+      "rope",
+      [](py::array positions, py::array q, py::array k, py::array cos_sin_cache, int64_t head_dim) {
+        auto pv = view_of(positions, "rope", "positions");
+        auto qv = view_of(q, "rope", "q", true), kv = view_of(k, "rope", "k", true);
+        auto cv = view_of(cos_sin_cache, "rope", "cos_sin_cache");
+        py::gil_scoped_release nogil;
+        engine::rope(pv, qv, kv, cv, head_dim);
+      },
+      py::arg("positions").noconvert(), py::arg("q").noconvert(), py::arg("k").noconvert(),
+      py::arg("cos_sin_cache").noconvert(), py::arg("head_dim"));
+
+  m.def(
+      "silu_and_mul",
+      [](py::array x, py::array out) {
+        auto xv = view_of(x, "silu_and_mul", "x"), ov = view_of(out, "silu_and_mul", "out", true);
+        py::gil_scoped_release nogil;
+        engine::silu_and_mul(xv, ov);
+      },
+      py::arg("x").noconvert(), py::arg("out").noconvert());
+
+  m.def(
+      "embedding",
+      [](py::array ids, py::array table, py::array out) {
+        auto iv = view_of(ids, "embedding", "ids"), tv = view_of(table, "embedding", "table");
+        auto ov = view_of(out, "embedding", "out", true);
+        py::gil_scoped_release nogil;
+        engine::embedding(iv, tv, ov);
+      },
+      py::arg("ids").noconvert(), py::arg("table").noconvert(), py::arg("out").noconvert());
+
+  m.def(
+      "kv_cache_write",
+      [](py::array k, py::array v, py::array k_cache, py::array v_cache, py::array slot_mapping) {
+        const char* op = "kv_cache_write";
+        auto kv = view_of(k, op, "k"), vv = view_of(v, op, "v");
+        auto kc = view_of(k_cache, op, "k_cache", true), vc = view_of(v_cache, op, "v_cache", true);
+        auto sm = view_of(slot_mapping, op, "slot_mapping");
+        py::gil_scoped_release nogil;
+        engine::kv_cache_write(kv, vv, kc, vc, sm);
+      },
+      py::arg("k").noconvert(), py::arg("v").noconvert(), py::arg("k_cache").noconvert(),
+      py::arg("v_cache").noconvert(), py::arg("slot_mapping").noconvert());
+
+  m.def(
+      "paged_attention",
+      [](py::array q, py::array k_cache, py::array v_cache, py::array block_tables,
+         py::array seq_lens, py::array query_start_loc, double scale, py::array out) {
+        const char* op = "paged_attention";
+        auto qv = view_of(q, op, "q");
+        auto kc = view_of(k_cache, op, "k_cache"), vc = view_of(v_cache, op, "v_cache");
+        auto bt = view_of(block_tables, op, "block_tables"), sl = view_of(seq_lens, op, "seq_lens");
+        auto qs = view_of(query_start_loc, op, "query_start_loc");
+        auto ov = view_of(out, op, "out", true);
+        py::gil_scoped_release nogil;
+        engine::paged_attention(qv, kc, vc, bt, sl, qs, scale, ov);
+      },
+      py::arg("q").noconvert(), py::arg("k_cache").noconvert(), py::arg("v_cache").noconvert(),
+      py::arg("block_tables").noconvert(), py::arg("seq_lens").noconvert(),
+      py::arg("query_start_loc").noconvert(), py::arg("scale"), py::arg("out").noconvert());
+
+  m.def(
+      "sample",
+      [](py::array logits, py::array temperature, py::array top_k, py::array top_p,
+         py::array min_p, py::array rng_state, py::array out) {
+        const char* op = "sample";
+        auto lv = view_of(logits, op, "logits"), tv = view_of(temperature, op, "temperature");
+        auto kv = view_of(top_k, op, "top_k"), pv = view_of(top_p, op, "top_p");
+        auto mv = view_of(min_p, op, "min_p"), rv = view_of(rng_state, op, "rng_state", true);
+        auto ov = view_of(out, op, "out", true);
+        py::gil_scoped_release nogil;
+        engine::sample(lv, tv, kv, pv, mv, rv, ov);
+      },
+      py::arg("logits").noconvert(), py::arg("temperature").noconvert(),
+      py::arg("top_k").noconvert(), py::arg("top_p").noconvert(), py::arg("min_p").noconvert(),
+      py::arg("rng_state").noconvert(), py::arg("out").noconvert());
+}

@@ -1,0 +1,91 @@
+// Op declarations: the launchers. Each validates its arguments (throwing
+// std::invalid_argument) and dispatches on dtype and instruction set. Every op
+// writes into the output it is given and allocates no tensors.
+// Activations are float32; weights float32, float16 or bfloat16.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "engine/tensor.h"
+
+namespace engine {
+
+// ---- instruction set ---------------------------------------------------------
+// "avx512" (F+BW+VL), "avx2" (AVX2+FMA+F16C) or "portable". Chosen once at
+// import from what the CPU supports; ENGINE_ISA or set_isa() may lower it.
+std::string isa();
+std::string best_isa();
+void set_isa(const std::string& name);  // throws if the CPU lacks it
+
+// ---- matmul ------------------------------------------------------------------
+// out = x @ w^T (+ bias)
+//   x    [num_tokens, in_features]    f32, rows contiguous (any row stride)
+//   w    [out_features, in_features]  f32/f16/bf16, contiguous
+//   bias [out_features] f32 or absent
+//   out  [num_tokens, out_features]   f32, rows contiguous (any row stride)
+void matmul(const TensorView& x, const TensorView& w, const TensorView& bias,
+            const TensorView& out);
+
+// ---- norms -------------------------------------------------------------------
+// out = x / sqrt(mean(x^2) + eps) * weight, per row.
+//   x [num_tokens, hidden] f32, weight [hidden] f32/f16/bf16, out like x.
+void rms_norm(const TensorView& x, const TensorView& weight, double eps, const TensorView& out);
+// In place: residual += x; x = rms_norm(residual) * weight. (vLLM's fused_add_rms_norm.)
+void fused_add_rms_norm(const TensorView& x, const TensorView& residual,
+                        const TensorView& weight, double eps);
+
+// ---- rope ----------------------------------------------------------------------
+// In place, rotate_half (GPT-NeoX) layout, on the first rotary_dim of each head.
+//   positions     [num_tokens] i32
+//   q             [num_tokens, num_q_heads * head_dim]  f32 (any row stride)
+//   k             [num_tokens, num_kv_heads * head_dim] f32 (any row stride)
+//   cos_sin_cache [max_position, rotary_dim] f32: cos in the first half, sin in the second
+void rope(const TensorView& positions, const TensorView& q, const TensorView& k,
+          const TensorView& cos_sin_cache, int64_t head_dim);
+
+// ---- activations ---------------------------------------------------------------
+// out = silu(x[:, :d]) * x[:, d:], x [num_tokens, 2 * d] f32, out [num_tokens, d] f32.
+void silu_and_mul(const TensorView& x, const TensorView& out);
+
+// ---- embedding -----------------------------------------------------------------
+// out[i] = table[ids[i]], ids [num_tokens] i32, table [vocab, hidden] f32/f16/bf16,
+// out [num_tokens, hidden] f32. An id outside [0, vocab) is an error.
+void embedding(const TensorView& ids, const TensorView& table, const TensorView& out);
+
+// ---- kv cache ------------------------------------------------------------------
+// k_cache[slot / block_size, slot % block_size] = k[i] (and v) for slot = slot_mapping[i];
+// a slot of -1 is skipped.
+//   k, v          [num_tokens, num_kv_heads, head_dim] f32 (any token stride)
+//   k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] f32 contiguous
+//   slot_mapping  [num_tokens] i32
+void kv_cache_write(const TensorView& k, const TensorView& v, const TensorView& k_cache,
+                    const TensorView& v_cache, const TensorView& slot_mapping);
+
+// ---- attention -----------------------------------------------------------------
+// Causal attention over a paged cache, for a packed batch of sequences. Sequence s
+// owns query rows [query_start_loc[s], query_start_loc[s+1]); it holds seq_lens[s]
+// tokens in total (cached + new, the new ones already written to the cache), so its
+// j-th new token sits at position seq_lens[s] - num_new + j and attends to positions
+// 0..that position. Grouped-query: query head h reads KV head h / (num_q_heads / num_kv_heads).
+//   q               [num_tokens, num_q_heads, head_dim] f32 (any token stride)
+//   k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] f32
+//   block_tables    [num_seqs, max_blocks_per_seq] i32
+//   seq_lens        [num_seqs] i32
+//   query_start_loc [num_seqs + 1] i32
+//   out             [num_tokens, num_q_heads, head_dim] f32
+void paged_attention(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
+                     const TensorView& block_tables, const TensorView& seq_lens,
+                     const TensorView& query_start_loc, double scale, const TensorView& out);
+
+// ---- sampling ------------------------------------------------------------------
+// One token per row of logits [num_seqs, vocab] f32 (not modified). Per row:
+// temperature [num_seqs] f32 (0 = greedy, argmax with the lowest index on ties),
+// top_k [num_seqs] i32 (<= 0: off), top_p [num_seqs] f32 (1: off), min_p [num_seqs] f32
+// (0: off). rng_state [num_seqs] u64 is each sequence's own generator, advanced in
+// place, so a row's draw never depends on the other rows. out [num_seqs] i32.
+void sample(const TensorView& logits, const TensorView& temperature, const TensorView& top_k,
+            const TensorView& top_p, const TensorView& min_p, const TensorView& rng_state,
+            const TensorView& out);
+
+}  // namespace engine

@@ -1,0 +1,162 @@
+"""numpy versions of every op: the oracle that tests hold each backend to.
+
+Written for clarity, not speed: same arguments and semantics as `engine.ops`,
+computed in float64 where that makes the result the exact answer to compare to.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+MASK64 = (1 << 64) - 1
+
+
+def matmul(x, w, bias=None, *, out):
+    y = x.astype(np.float64) @ w.astype(np.float64).T
+    if bias is not None:
+        y += bias.astype(np.float64)
+    out[...] = y
+    return out
+
+
+def rms_norm(x, weight, eps, *, out):
+    x64 = x.astype(np.float64)
+    inv = 1.0 / np.sqrt(np.mean(x64 * x64, axis=-1, keepdims=True) + eps)
+    out[...] = x64 * inv * weight.astype(np.float64)
+    return out
+
+
+def fused_add_rms_norm(x, residual, weight, eps):
+    residual[...] = residual.astype(np.float64) + x.astype(np.float64)
+    rms_norm(residual, weight, eps, out=x)
+    return x, residual
+
+
+def rope(positions, q, k, cos_sin_cache, head_dim):
+    rotary_dim = cos_sin_cache.shape[1]
+    half = rotary_dim // 2
+    cos = cos_sin_cache[positions, :half].astype(np.float64)[:, None, :]
+    sin = cos_sin_cache[positions, half:].astype(np.float64)[:, None, :]
+    for t in (q, k):
+        heads = t.reshape(t.shape[0], -1, head_dim)
+        x1 = heads[..., :half].astype(np.float64)
+        x2 = heads[..., half:rotary_dim].astype(np.float64)
+        rotated = np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+        heads[..., :rotary_dim] = rotated
+        t[...] = heads.reshape(t.shape)
+    return q, k
+
+
+def silu_and_mul(x, *, out):
+    d = x.shape[-1] // 2
+    a = x[..., :d].astype(np.float64)
+    out[...] = a / (1.0 + np.exp(-a)) * x[..., d:].astype(np.float64)
+    return out
+
+
+def embedding(ids, table, *, out):
+    if ids.size and (ids.min() < 0 or ids.max() >= table.shape[0]):
+        raise ValueError(f"embedding: ids must be in [0, {table.shape[0]})")
+    out[...] = table[ids].astype(np.float32)
+    return out
+
+
+def kv_cache_write(k, v, k_cache, v_cache, slot_mapping):
+    block_size = k_cache.shape[1]
+    for i, slot in enumerate(slot_mapping):
+        if slot < 0:
+            continue
+        k_cache[slot // block_size, slot % block_size] = k[i]
+        v_cache[slot // block_size, slot % block_size] = v[i]
+
+
+def gather_kv(cache, block_table, seq_len):
+    """The first seq_len cached tokens of one sequence: [seq_len, num_kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    num_blocks = -(-seq_len // block_size)
+    blocks = cache[block_table[:num_blocks]]
+    return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
+
+
+def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, *, out):
+    num_q_heads = q.shape[1]
+    group = num_q_heads // k_cache.shape[2]
+    for s in range(len(seq_lens)):
+        start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])
+        seq_len = int(seq_lens[s])
+        num_new = end - start
+        k = gather_kv(k_cache, block_tables[s], seq_len).astype(np.float64)
+        v = gather_kv(v_cache, block_tables[s], seq_len).astype(np.float64)
+        k = np.repeat(k, group, axis=1)  # [seq_len, num_q_heads, head_dim]
+        v = np.repeat(v, group, axis=1)
+        qs = q[start:end].astype(np.float64)  # [num_new, num_q_heads, head_dim]
+        scores = np.einsum("thd,shd->hts", qs, k) * scale
+        positions = seq_len - num_new + np.arange(num_new)
+        mask = np.arange(seq_len)[None, :] > positions[:, None]
+        scores[:, mask] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        out[start:end] = np.einsum("hts,shd->thd", p, v)
+    return out
+
+
+# ---- sampling ------------------------------------------------------------------
+
+def splitmix64(state: int) -> tuple[int, int]:
+    """One step of SplitMix64: (new_state, 64 random bits)."""
+    state = (state + 0x9E3779B97F4A7C15) & MASK64
+    z = state
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return state, z ^ (z >> 31)
+
+
+def uniform(bits: int) -> float:
+    """A double in [0, 1) from the top 53 of 64 random bits."""
+    return (bits >> 11) * (1.0 / (1 << 53))
+
+
+def kept_candidates(row, temperature, top_k, top_p, min_p):
+    """Token ids that survive the filters, most probable first, and their probabilities.
+
+    Order: softmax(logits / temperature); sort descending (ties: lower id first);
+    keep the top_k (if > 0); then the shortest prefix whose cumulative probability
+    reaches top_p (if < 1); then those with p >= min_p * p_max (if > 0).
+    """
+    x = row.astype(np.float64) / temperature
+    p = np.exp(x - x.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    n = len(order)
+    if top_k > 0:
+        n = min(n, int(top_k))
+    if top_p < 1.0:
+        cum = np.cumsum(p[order[:n]])
+        n = min(n, int(np.searchsorted(cum, top_p, side="left")) + 1)
+    if min_p > 0.0:
+        n = max(1, int(np.count_nonzero(p[order[:n]] >= min_p * p[order[0]])))
+    return order[:n], p[order[:n]]
+
+
+def sample(logits, temperature, top_k, top_p, min_p, rng_state, *, out):
+    """Reference sampler. Each row's generator advances once per call, greedy or not.
+
+    A sampled row draws u in [0, 1) and returns the first kept candidate whose
+    cumulative probability exceeds u times the kept mass.
+    """
+    if np.isnan(logits).any():
+        raise ValueError("sample: logits contain NaN")
+    for i in range(logits.shape[0]):
+        state, bits = splitmix64(int(rng_state[i]))
+        rng_state[i] = state
+        if temperature[i] <= 0.0:
+            out[i] = int(np.argmax(logits[i]))
+            continue
+        ids, p = kept_candidates(logits[i], float(temperature[i]), int(top_k[i]),
+                                 float(top_p[i]), float(min_p[i]))
+        cum = np.cumsum(p)
+        target = uniform(bits) * cum[-1]
+        j = int(np.searchsorted(cum, target, side="right"))
+        out[i] = int(ids[min(j, len(ids) - 1)])
+    return out
