@@ -1,0 +1,111 @@
+// paged_attention's vector primitives for AVX2 + FMA; compiled with those flags
+// (see CMakeLists.txt) and called only where the CPU has them.
+#include <immintrin.h>
+
+#include "attention_kernels.h"
+
+namespace engine {
+namespace attention {
+namespace {
+
+// exp(x) for x <= 0 (and NaN, which stays NaN): Cephes' degree-6 polynomial on
+// x - n ln2, times 2^n built in the exponent bits. x < -87.3 gives ~1e-38, not 0.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);  // NaN in x is returned as is
+  x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
+  // n is in [-126, 127] here (NaN lanes produce garbage bits, but y is NaN there).
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+struct Avx2Ops {
+  static float dot(const float* a, const float* b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float sum = hsum(_mm256_add_ps(s0, s1));
+    for (; i < n; ++i) sum += a[i] * b[i];
+    return sum;
+  }
+
+  static void dot4(const float* a, const float* b, int64_t b_stride, int64_t n, float* s) {
+    for (int r = 0; r < 4; ++r) s[r] = dot(a, b + r * b_stride, n);
+  }
+
+  static void scale(float* y, float alpha, int64_t n) {
+    const __m256 va = _mm256_set1_ps(alpha);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_mul_ps(_mm256_loadu_ps(y + i), va));
+    for (; i < n; ++i) y[i] *= alpha;
+  }
+
+  static float exp_sum(float* s, float m, int64_t n) {
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm));
+      _mm256_storeu_ps(s + i, e);
+      acc = _mm256_add_ps(acc, e);
+    }
+    float sum = hsum(acc);
+    if (i < n) {  // through the vector exp too, so that every ISA rounds alike
+      float tail[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      for (int64_t j = i; j < n; ++j) tail[j - i] = s[j] - m;
+      _mm256_storeu_ps(tail, exp256(_mm256_loadu_ps(tail)));
+      for (int64_t j = i; j < n; ++j) {
+        s[j] = tail[j - i];
+        sum += s[j];
+      }
+    }
+    return sum;
+  }
+
+  // The accumulator stays in a register across all n value rows.
+  static void axpy_rows(float* y, const float* p, const float* x, int64_t x_stride, int64_t n,
+                        int64_t dim) {
+    int64_t i = 0;
+    for (; i + 8 <= dim; i += 8) {
+      __m256 acc = _mm256_loadu_ps(y + i);
+      for (int64_t j = 0; j < n; ++j)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(x + j * x_stride + i), acc);
+      _mm256_storeu_ps(y + i, acc);
+    }
+    for (; i < dim; ++i) {
+      float acc = y[i];
+      for (int64_t j = 0; j < n; ++j) acc += p[j] * x[j * x_stride + i];
+      y[i] = acc;
+    }
+  }
+};
+
+}  // namespace
+
+void attend_item_avx2(const Args& a, const Item& it, const Dest& d) {
+  attend_item<Avx2Ops>(a, it, d);
+}
+
+}  // namespace attention
+}  // namespace engine

@@ -1,0 +1,104 @@
+// kv_cache_write: scatter the new tokens' K and V rows into the paged cache.
+//
+// The cache is [num_blocks, block_size, num_kv_heads, head_dim]; a slot is
+// block_idx * block_size + offset, so slot s is simply row s of the cache seen
+// as [num_blocks * block_size, num_kv_heads * head_dim]. Every slot is checked
+// before anything is written, so a rejected call leaves both caches untouched.
+#include <cstring>
+#include <string>
+
+#include "engine/check.h"
+#include "engine/ops.h"
+
+namespace engine {
+namespace {
+
+constexpr const char* kOp = "kv_cache_write";
+
+// ---- validation -------------------------------------------------------------------
+
+void check_kv(const TensorView& t, const char* arg) {
+  check_dtype(t, kOp, arg, {DType::f32});
+  check_ndim(t, kOp, arg, 3);
+}
+
+void check_cache(const TensorView& t, const char* arg) {
+  check_dtype(t, kOp, arg, {DType::f32});
+  check_ndim(t, kOp, arg, 4);
+  if (t.numel() > 0) check_contiguous(t, kOp, arg);  // numpy gives empty arrays 0 strides
+}
+
+void validate(const TensorView& k, const TensorView& v, const TensorView& k_cache,
+              const TensorView& v_cache, const TensorView& slot_mapping) {
+  check_kv(k, "k");
+  check_kv(v, "v");
+  check_cache(k_cache, "k_cache");
+  check_cache(v_cache, "v_cache");
+  check_dtype(slot_mapping, kOp, "slot_mapping", {DType::i32});
+  check_ndim(slot_mapping, kOp, "slot_mapping", 1);
+  const int64_t num_tokens = k.size(0), num_kv_heads = k.size(1), head_dim = k.size(2);
+  check_shape(v, kOp, "v", {num_tokens, num_kv_heads, head_dim});
+  check_shape(k_cache, kOp, "k_cache", {-1, -1, num_kv_heads, head_dim});
+  check_shape(v_cache, kOp, "v_cache", {k_cache.size(0), k_cache.size(1), num_kv_heads, head_dim});
+  check_shape(slot_mapping, kOp, "slot_mapping", {num_tokens});
+  check(k_cache.data != v_cache.data || k_cache.numel() == 0, kOp,
+        "k_cache and v_cache must be different arrays");
+}
+
+// Every slot in [-1, num_slots); the first bad one is reported.
+void check_slots(const TensorView& slot_mapping, int64_t num_slots) {
+  const int32_t* slots = slot_mapping.ptr<int32_t>();
+  const int64_t stride = slot_mapping.stride(0);
+  for (int64_t i = 0; i < slot_mapping.size(0); ++i) {
+    const int64_t slot = slots[i * stride];
+    if (slot < -1 || slot >= num_slots)
+      fail(kOp, "slot_mapping[" + std::to_string(i) + "] = " + std::to_string(slot) +
+                    " is outside the cache's " + std::to_string(num_slots) +
+                    " slots (expected -1 to skip, or 0.." + std::to_string(num_slots - 1) + ")");
+  }
+}
+
+// ---- kernel -----------------------------------------------------------------------
+
+// dst [num_kv_heads, head_dim] contiguous <- src [num_kv_heads, head_dim] with strides.
+void copy_row(float* dst, const float* src, int64_t num_heads, int64_t head_dim,
+              int64_t head_stride, int64_t dim_stride) {
+  for (int64_t h = 0; h < num_heads; ++h) {
+    const float* s = src + h * head_stride;
+    float* d = dst + h * head_dim;
+    if (dim_stride == 1) {
+      std::memcpy(d, s, static_cast<size_t>(head_dim) * sizeof(float));
+    } else {
+      for (int64_t j = 0; j < head_dim; ++j) d[j] = s[j * dim_stride];
+    }
+  }
+}
+
+}  // namespace
+
+void kv_cache_write(const TensorView& k, const TensorView& v, const TensorView& k_cache,
+                    const TensorView& v_cache, const TensorView& slot_mapping) {
+  validate(k, v, k_cache, v_cache, slot_mapping);
+  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
+  check_slots(slot_mapping, num_slots);
+
+  const int64_t num_tokens = k.size(0), num_heads = k.size(1), head_dim = k.size(2);
+  const int64_t row_size = num_heads * head_dim;  // floats per slot
+  const int32_t* slots = slot_mapping.ptr<int32_t>();
+  const float* k_data = k.ptr<float>();
+  const float* v_data = v.ptr<float>();
+  float* k_dst = k_cache.ptr<float>();
+  float* v_dst = v_cache.ptr<float>();
+  // A few KiB per token: threads would cost more than the copy for decode batches.
+#pragma omp parallel for schedule(static) if (num_tokens * row_size >= (1 << 16))
+  for (int64_t i = 0; i < num_tokens; ++i) {
+    const int64_t slot = slots[i * slot_mapping.stride(0)];
+    if (slot < 0) continue;
+    copy_row(k_dst + slot * row_size, k_data + i * k.stride(0), num_heads, head_dim, k.stride(1),
+             k.stride(2));
+    copy_row(v_dst + slot * row_size, v_data + i * v.stride(0), num_heads, head_dim, v.stride(1),
+             v.stride(2));
+  }
+}
+
+}  // namespace engine

@@ -1,0 +1,153 @@
+// Internal to the matmul kernels: the validated arguments, the per-ISA entry
+// points, and the cache-blocking driver that every ISA shares.
+//
+// Each kernel file defines a Kernel policy (in its own anonymous namespace, so
+// that code compiled for AVX-512 never stands in for code compiled for the
+// baseline at link time) and instantiates run_matmul<Kernel, W> with it:
+//
+//   struct Kernel {
+//     static constexpr int kRows;       // weight rows per register tile (T > 1)
+//     static constexpr int kTokens;     // tokens per register tile (T > 1)
+//     static constexpr int kGemvRows;   // weight rows per register tile (T == 1)
+//     // out[c * os + r] = (accumulate ? out[..] : bias ? bias[r] : 0)
+//     //                   + dot(x[c * xs + 0..k_len), w[r * ws + 0..k_len))
+//     template <int R, int C, class W>
+//     static void tile(const float* x, int64_t xs, const W* w, int64_t ws, int64_t k_len,
+//                      const float* bias, bool accumulate, float* out, int64_t os);
+//   };
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "engine/convert.h"
+#include "engine/tensor.h"
+
+namespace engine {
+namespace matmul_detail {
+
+// After validation: every pointer is valid for the extents below, out does not
+// overlap the inputs, num_tokens, in_features, out_features > 0.
+struct MatmulArgs {
+  const float* x;          // [num_tokens, in_features], row stride x_row_stride
+  int64_t x_row_stride;
+  const void* w;           // [out_features, in_features] contiguous, dtype w_dtype
+  DType w_dtype;
+  const float* bias;       // [out_features] or nullptr
+  float* out;              // [num_tokens, out_features], row stride out_row_stride
+  int64_t out_row_stride;
+  int64_t num_tokens;
+  int64_t in_features;
+  int64_t out_features;
+};
+
+void matmul_portable(const MatmulArgs& a);
+#if defined(ENGINE_X86)
+void matmul_avx2(const MatmulArgs& a);
+void matmul_avx512(const MatmulArgs& a);
+#endif
+
+namespace {
+
+// Cache blocking (the GotoBLAS loop nest with weights in the role of A): a block of
+// kBlockTokens x kBlockK of x (512 KiB) and a chunk of about kChunkBytes of w stay
+// in L2 while every token tile of the block meets every row of the chunk; a token
+// tile's slice of x (kTokens x kBlockK floats) and one row group stay in L1.
+constexpr int64_t kBlockK = 1024;
+constexpr int64_t kBlockTokens = 128;
+constexpr int64_t kChunkBytes = 128 * 1024;
+// Below this many multiply-adds a parallel region costs more than it saves.
+constexpr double kMinParallelWork = 64.0 * 1024;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Calls Kernel::tile<R, c> for the runtime token count c in [1, C].
+template <class Kernel, int R, int C, class W>
+inline void tile_upto(int c, const float* x, int64_t xs, const W* w, int64_t ws, int64_t k_len,
+                      const float* bias, bool accumulate, float* out, int64_t os) {
+  if constexpr (C > 1) {
+    if (c < C) {
+      tile_upto<Kernel, R, C - 1, W>(c, x, xs, w, ws, k_len, bias, accumulate, out, os);
+      return;
+    }
+  }
+  Kernel::template tile<R, C, W>(x, xs, w, ws, k_len, bias, accumulate, out, os);
+}
+
+// Row tiles of out[t0:t0 + num_tiles * CT, n0:n1] over columns [k0, k0 + k_len).
+template <class Kernel, int RW, int CT, class W>
+void matmul_block(const MatmulArgs& a, int64_t k0, int64_t k_len, int64_t t0, int64_t t1,
+                  int64_t n0, int64_t n1) {
+  const W* w = static_cast<const W*>(a.w);
+  const int64_t in_features = a.in_features;
+  const int64_t xs = a.x_row_stride, os = a.out_row_stride;
+  const bool accumulate = k0 > 0;
+  for (; t0 < t1; t0 += CT) {
+    const int c = static_cast<int>(std::min<int64_t>(CT, t1 - t0));
+    const float* xt = a.x + t0 * xs + k0;
+    float* ot = a.out + t0 * os;
+    int64_t n = n0;
+    for (; n + RW <= n1; n += RW)
+      tile_upto<Kernel, RW, CT, W>(c, xt, xs, w + n * in_features + k0, in_features, k_len,
+                                   a.bias ? a.bias + n : nullptr, accumulate, ot + n, os);
+    for (; n < n1; ++n)
+      tile_upto<Kernel, 1, CT, W>(c, xt, xs, w + n * in_features + k0, in_features, k_len,
+                                  a.bias ? a.bias + n : nullptr, accumulate, ot + n, os);
+  }
+}
+
+// out[:, n0:n1] for all tokens: K blocks, token blocks, weight chunks, then tiles.
+template <class Kernel, int RW, int CT, class W>
+void matmul_rows(const MatmulArgs& a, int64_t block_k, int64_t n0, int64_t n1) {
+  const int64_t num_tokens = a.num_tokens, in_features = a.in_features;
+  const int64_t chunk_rows = std::max<int64_t>(
+      RW, kChunkBytes / (block_k * static_cast<int64_t>(sizeof(W))) / RW * RW);
+  for (int64_t k0 = 0; k0 < in_features; k0 += block_k) {
+    const int64_t k_len = std::min(block_k, in_features - k0);
+    for (int64_t t0 = 0; t0 < num_tokens; t0 += kBlockTokens) {
+      const int64_t t1 = std::min(num_tokens, t0 + kBlockTokens);
+      for (int64_t c0 = n0; c0 < n1; c0 += chunk_rows)
+        matmul_block<Kernel, RW, CT, W>(a, k0, k_len, t0, t1, c0, std::min(n1, c0 + chunk_rows));
+    }
+  }
+}
+
+// Gives each thread one contiguous range of out_features.
+template <class Kernel, int RW, int CT, class W>
+void run_chunks(const MatmulArgs& a, int64_t block_k) {
+  const int64_t num_rows = a.out_features;
+  const int64_t num_threads = std::max(1, omp_get_max_threads());
+  const int64_t part_rows = ceil_div(ceil_div(num_rows, num_threads), RW) * RW;
+  const int64_t num_parts = ceil_div(num_rows, part_rows);
+  const double work = static_cast<double>(a.num_tokens) * num_rows * a.in_features;
+#pragma omp parallel for schedule(static) if (work >= kMinParallelWork && num_parts > 1)
+  for (int64_t i = 0; i < num_parts; ++i) {
+    const int64_t n0 = i * part_rows;
+    matmul_rows<Kernel, RW, CT, W>(a, block_k, n0, std::min(num_rows, n0 + part_rows));
+  }
+}
+
+template <class Kernel, class W>
+void run_matmul(const MatmulArgs& a) {
+  if (a.num_tokens == 1) {
+    // Decode (GEMV): memory-bound; stream each weight row once, whole K at a time.
+    run_chunks<Kernel, Kernel::kGemvRows, 1, W>(a, a.in_features);
+  } else {
+    run_chunks<Kernel, Kernel::kRows, Kernel::kTokens, W>(a, std::min(a.in_features, kBlockK));
+  }
+}
+
+template <class Kernel>
+void run_matmul_any(const MatmulArgs& a) {
+  switch (a.w_dtype) {
+    case DType::f16: run_matmul<Kernel, f16_t>(a); return;
+    case DType::bf16: run_matmul<Kernel, bf16_t>(a); return;
+    default: run_matmul<Kernel, float>(a); return;
+  }
+}
+
+}  // namespace
+}  // namespace matmul_detail
+}  // namespace engine

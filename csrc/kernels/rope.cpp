@@ -1,0 +1,156 @@
+// rope: rotary position embedding, in place, rotate_half (GPT-NeoX) layout on the
+// first rotary_dim of each head. The rotation runs in double, as the reference's.
+#include <cstdint>
+#include <string>
+
+#include "engine/check.h"
+#include "engine/isa.h"
+#include "engine/ops.h"
+
+namespace engine {
+namespace {
+
+// An empty array has no rows to lay out, whatever strides numpy gave it.
+inline void check_nonempty_row_contiguous(const TensorView& t, const char* op, const char* arg) {
+  if (t.numel() > 0) check_row_contiguous(t, op, arg);
+}
+
+
+// ============================================================================
+// Head kernel, compiled once per instruction set
+// ============================================================================
+
+// Rotates num_heads heads of one token.
+//   head [num_heads, head_stride] (first rotary_dim of each rotated)
+//   cos_sin [rotary_dim]: cos in the first half, sin in the second
+static inline __attribute__((always_inline)) void rope_heads_body(
+    float* head, int64_t num_heads, int64_t head_stride, const float* cos_sin, int64_t half) {
+  const float* cos = cos_sin;
+  const float* sin = cos_sin + half;
+  for (int64_t h = 0; h < num_heads; ++h) {
+    float* x1 = head + h * head_stride;
+    float* x2 = x1 + half;
+#pragma omp simd
+    for (int64_t i = 0; i < half; ++i) {
+      const double a = x1[i], b = x2[i], c = cos[i], s = sin[i];
+      x1[i] = static_cast<float>(a * c - b * s);
+      x2[i] = static_cast<float>(b * c + a * s);
+    }
+  }
+}
+
+using RopeHeadsFn = void (*)(float*, int64_t, int64_t, const float*, int64_t);
+
+void rope_heads_portable(float* x, int64_t n, int64_t hs, const float* cs, int64_t half) {
+  rope_heads_body(x, n, hs, cs, half);
+}
+
+#if defined(ENGINE_X86) && defined(__GNUC__)
+__attribute__((target("avx2,fma,f16c"))) void rope_heads_avx2(float* x, int64_t n, int64_t hs,
+                                                               const float* cs, int64_t half) {
+  rope_heads_body(x, n, hs, cs, half);
+}
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void
+rope_heads_avx512(float* x, int64_t n, int64_t hs, const float* cs, int64_t half) {
+  rope_heads_body(x, n, hs, cs, half);
+}
+#endif
+
+RopeHeadsFn pick_rope_heads() {
+#if defined(ENGINE_X86) && defined(__GNUC__)
+  switch (current_isa()) {
+    case Isa::avx512: return rope_heads_avx512;
+    case Isa::avx2: return rope_heads_avx2;
+    default: break;
+  }
+#endif
+  return rope_heads_portable;
+}
+
+// ============================================================================
+// Validation
+// ============================================================================
+
+// Heads of q or k: [num_tokens, num_heads * head_dim] (or [num_tokens, num_heads,
+// head_dim]); the token stride (and head stride) are free, the last dim contiguous.
+struct HeadLayout {
+  int64_t num_heads = 0, token_stride = 0, head_stride = 0;
+};
+
+HeadLayout check_heads(const TensorView& t, const char* arg, int64_t num_tokens,
+                       int64_t head_dim) {
+  const char* op = "rope";
+  check_dtype(t, op, arg, {DType::f32});
+  check(t.ndim == 2 || t.ndim == 3, op,
+        std::string(arg) + " must have 2 dims [num_tokens, num_heads * head_dim], got " +
+            t.describe());
+  check(t.size(0) == num_tokens, op,
+        std::string(arg) + " must have " + std::to_string(num_tokens) +
+            " rows (one per position), got " + t.describe());
+  check_nonempty_row_contiguous(t, op, arg);
+  HeadLayout l;
+  l.token_stride = t.stride(0);
+  if (t.ndim == 2) {
+    check(t.size(1) % head_dim == 0, op,
+          std::string(arg) + " must have a multiple of head_dim " + std::to_string(head_dim) +
+              " columns, got " + t.describe());
+    l.num_heads = t.size(1) / head_dim;
+    l.head_stride = head_dim;
+  } else {
+    check(t.size(2) == head_dim, op,
+          std::string(arg) + " must have shape [*, *, " + std::to_string(head_dim) + "], got " +
+              t.describe());
+    l.num_heads = t.size(1);
+    l.head_stride = t.stride(1);
+  }
+  return l;
+}
+
+}  // namespace
+
+// ============================================================================
+// Launcher
+// ============================================================================
+
+void rope(const TensorView& positions, const TensorView& q, const TensorView& k,
+          const TensorView& cos_sin_cache, int64_t head_dim) {
+  const char* op = "rope";
+  check_dtype(positions, op, "positions", {DType::i32});
+  check_ndim(positions, op, "positions", 1);
+  check(head_dim > 0, op, "head_dim must be > 0, got " + std::to_string(head_dim));
+  check_dtype(cos_sin_cache, op, "cos_sin_cache", {DType::f32});
+  check_ndim(cos_sin_cache, op, "cos_sin_cache", 2);
+  check_nonempty_row_contiguous(cos_sin_cache, op, "cos_sin_cache");
+  const int64_t max_position = cos_sin_cache.size(0), rotary_dim = cos_sin_cache.size(1);
+  check(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, op,
+        "cos_sin_cache must have an even number of columns (rotary_dim) in [2, head_dim " +
+            std::to_string(head_dim) + "], got " + cos_sin_cache.describe());
+  const int64_t num_tokens = positions.size(0);
+  const HeadLayout ql = check_heads(q, "q", num_tokens, head_dim);
+  const HeadLayout kl = check_heads(k, "k", num_tokens, head_dim);
+
+  // Every position is checked before anything is written.
+  const int32_t* pos = positions.ptr<int32_t>();
+  const int64_t pos_stride = positions.stride(0);
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int64_t p = pos[t * pos_stride];
+    check(p >= 0 && p < max_position, op,
+          "positions[" + std::to_string(t) + "] = " + std::to_string(p) + " is outside [0, " +
+              std::to_string(max_position) + ") (the cos_sin_cache rows)");
+  }
+
+  const RopeHeadsFn heads_fn = pick_rope_heads();
+  const float* cache = cos_sin_cache.ptr<float>();
+  const int64_t cache_stride = cos_sin_cache.stride(0), half = rotary_dim / 2;
+  float* qp = q.ptr<float>();
+  float* kp = k.ptr<float>();
+  const int64_t work = num_tokens * (ql.num_heads + kl.num_heads) * rotary_dim;
+#pragma omp parallel for schedule(static) if (work >= (1 << 15))
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const float* cs = cache + pos[t * pos_stride] * cache_stride;
+    heads_fn(qp + t * ql.token_stride, ql.num_heads, ql.head_stride, cs, half);
+    heads_fn(kp + t * kl.token_stride, kl.num_heads, kl.head_stride, cs, half);
+  }
+}
+
+}  // namespace engine

