@@ -88,7 +88,8 @@ def test_n_completions(llm):
     ({"prompt_token_ids": []}, greedy(), "empty"),
     ({"prompt_token_ids": [1, 49152]}, greedy(), "token ids must be integers in [0, 49152)"),
     ({"prompt_token_ids": [1, -3]}, greedy(), "[0, 49152)"),
-    (42, greedy(), "prompt must be a string"),
+    (42, greedy(), "prompts must be a string"),
+    ([42], greedy(), "prompt must be a string"),
 ])
 def test_bad_requests_raise_value_error_and_leave_the_engine_usable(llm, prompt, params, message):
     with pytest.raises(ValueError, match=re.escape(message)):

@@ -198,21 +198,30 @@ class LLMEngine:
         previous = len(seq.text)
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.add(token)
-        if token in params.stop_token_ids:
-            return seq.finish("stop", token)
-        if not params.ignore_eos and token in self.eos_token_ids:
-            return seq.finish("stop", None)
-        if params.stop:
-            start = max(0, previous - max(len(s) for s in params.stop) + 1)
-            hits = [(seq.text.find(s, start), s) for s in params.stop]
-            hits = [(i, s) for i, s in hits if i >= 0]
-            if hits:
-                i, s = min(hits)
-                seq.text = seq.text[:i]
-                return seq.finish("stop", s)
+        if params.stop and self._check_stop_strings(seq, previous):
+            return
         max_tokens = params.max_tokens or self.max_model_len
-        if seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.max_model_len:
+        if token in params.stop_token_ids:
+            seq.finish("stop", token)
+        elif not params.ignore_eos and token in self.eos_token_ids:
+            seq.finish("stop", None)
+        elif seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish("length")
+        if seq.is_finished and seq.detokenizer is not None:
+            seq.text += seq.detokenizer.flush()  # text held back inside a character
+
+    def _check_stop_strings(self, seq: Sequence, previous: int) -> bool:
+        """Finish seq if its text now holds a stop string; the text is cut before it."""
+        stops = seq.params.stop
+        start = max(0, previous - max(len(s) for s in stops) + 1)
+        hits = [(seq.text.find(s, start), s) for s in stops]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        i, s = min(hits)
+        seq.text = seq.text[:i]
+        seq.finish("stop", s)
+        return True
 
     def _output(self, request: Request) -> RequestOutput:
         outs = []

@@ -41,6 +41,9 @@ class LLM:
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        elif not isinstance(prompts, (list, tuple)):
+            raise ValueError("prompts must be a string, a {'prompt_token_ids': [...]} dict or a "
+                             f"list of those, got {type(prompts).__name__}")
         params = self._params_per_prompt(sampling_params, len(prompts))
         request_ids = []
         try:

@@ -51,6 +51,7 @@ struct TensorView {
     return n;
   }
   bool is_contiguous() const {
+    if (numel() == 0) return true;  // numpy gives empty arrays arbitrary strides
     int64_t expected = 1;
     for (int i = ndim - 1; i >= 0; --i) {
       if (shape[i] != 1 && strides[i] != expected) return false;
@@ -59,7 +60,9 @@ struct TensorView {
     return true;
   }
   // Rows are contiguous along the last dim (inner stride 1); outer strides free.
-  bool is_row_contiguous() const { return ndim == 0 || shape[ndim - 1] <= 1 || strides[ndim - 1] == 1; }
+  bool is_row_contiguous() const {
+    return ndim == 0 || numel() == 0 || shape[ndim - 1] <= 1 || strides[ndim - 1] == 1;
+  }
   template <typename T> T* ptr() const { return static_cast<T*>(data); }
   std::string shape_str() const {
     std::string s = "[";
