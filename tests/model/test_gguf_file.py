@@ -6,7 +6,8 @@ import gguf
 import numpy as np
 import pytest
 
-from engine.model.gguf_file import GGUFWeights, hf_config, metadata, open_gguf
+from engine.model.gguf_file import metadata, read_gguf
+from engine.model.gguf_llama import GGUFWeights, hf_config
 from engine.model.loader import load_checkpoint
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -117,15 +118,32 @@ def test_config_and_weights(tiny_gguf):
 def test_untied_and_metadata(tmp_path, rng):
     path = tmp_path / "untied.gguf"
     expected = write_llama_gguf(path, tiny_hf_weights(rng, tied=False))
-    reader = open_gguf(path)
-    config = hf_config(reader)
+    parsed = read_gguf(path)
+    config = hf_config(parsed)
     assert config["tie_word_embeddings"] is False
-    np.testing.assert_array_equal(GGUFWeights(reader, config)["lm_head.weight"],
+    np.testing.assert_array_equal(GGUFWeights(parsed, config)["lm_head.weight"],
                                   expected["lm_head.weight"])
-    meta = metadata(reader)
+    meta = metadata(parsed)
     assert meta["general.architecture"] == "llama" and meta["llama.block_count"] == 2
     assert meta["tokenizer.ggml.tokens"][:2] == ["t0", "t1"]
-    assert "tokenizer.ggml.tokens" not in metadata(reader, include_vocab=False)
+    assert "tokenizer.ggml.tokens" not in metadata(parsed, include_vocab=False)
+
+
+def test_matches_gguf_reader(tiny_gguf):
+    """Metadata, tensor infos and tensor bytes agree with gguf.GGUFReader, the oracle."""
+    path, _ = tiny_gguf
+    parsed, reader = read_gguf(path), gguf.GGUFReader(str(path))
+    fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+    assert parsed.metadata == fields
+    assert list(parsed.tensors) == [t.name for t in reader.tensors]
+    for t in reader.tensors:
+        info = parsed.tensors[t.name]
+        assert info.shape == tuple(int(d) for d in reversed(t.shape)), t.name
+        assert (info.ggml_type, info.offset, info.nbytes) == \
+            (t.tensor_type, t.data_offset, t.n_bytes), t.name
+        raw = parsed.tensor_bytes(t.name)
+        assert raw.dtype == np.uint8 and not raw.flags.writeable and raw.base is not None
+        np.testing.assert_array_equal(raw, t.data.reshape(-1).view(np.uint8), err_msg=t.name)
 
 
 def test_unknown_architecture(tmp_path, rng):
@@ -159,18 +177,18 @@ def test_truncated(tiny_gguf):
     for size in sorted({0, 3, 4, 20, 23, 100, 500, 1000, len(data) // 2, len(data) - 1}):
         path.write_bytes(data[:size])
         with pytest.raises(ValueError, match=r"tiny\.gguf: (truncated|file is empty|tensor)"):
-            open_gguf(path)
+            read_gguf(path)
 
 
 def test_bad_magic_and_version(tiny_gguf):
     path, _ = tiny_gguf
     patch(path, 0, "4s", b"GGML")
     with pytest.raises(ValueError, match=r"tiny\.gguf: not a GGUF file \(magic b'GGML'"):
-        open_gguf(path)
+        read_gguf(path)
     patch(path, 0, "4s", b"GGUF")
     patch(path, 4, "I", 7)
     with pytest.raises(ValueError, match=r"tiny\.gguf: unsupported GGUF version 7"):
-        open_gguf(path)
+        read_gguf(path)
 
 
 def test_tensor_offset_past_end(tiny_gguf):
@@ -179,7 +197,7 @@ def test_tensor_offset_past_end(tiny_gguf):
     patch(path, positions["blk.1.ffn_down.weight"]["offset"], "Q", 2**40)
     with pytest.raises(ValueError, match=r"tiny\.gguf: tensor 'blk\.1\.ffn_down\.weight' data "
                                          r".* past the end of the file"):
-        open_gguf(path)
+        read_gguf(path)
 
 
 def test_unknown_tensor_type_and_dims(tiny_gguf):
@@ -188,11 +206,11 @@ def test_unknown_tensor_type_and_dims(tiny_gguf):
     patch(path, positions["output_norm.weight"]["type"], "I", 999)
     with pytest.raises(ValueError, match=r"tensor 'output_norm\.weight' has unknown tensor "
                                          r"type 999"):
-        open_gguf(path)
+        read_gguf(path)
     patch(path, positions["output_norm.weight"]["type"], "I", 0)
     patch(path, positions["output_norm.weight"]["n_dims"], "I", 2**31)
     with pytest.raises(ValueError, match=r"tensor 'output_norm\.weight' has 2147483648 dim"):
-        open_gguf(path)
+        read_gguf(path)
 
 
 def test_lying_counts_fail_fast(tiny_gguf):
@@ -208,7 +226,7 @@ def test_lying_counts_fail_fast(tiny_gguf):
             path.write_bytes(original)
             patch(path, position, fmt, value)
             with pytest.raises(ValueError, match=r"tiny\.gguf: truncated"):
-                open_gguf(path)
+                read_gguf(path)
 
 
 def test_random_corruption_never_crashes(tiny_gguf):

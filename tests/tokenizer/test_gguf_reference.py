@@ -6,7 +6,7 @@ import pytest
 from assets import llama_cpp_vocab, read_llama_cpp_cases
 
 from engine.tokenizer import load_tokenizer, write_hf_tokenizer_from_gguf
-from engine.tokenizer.gguf_meta import read_gguf_metadata
+from engine.model.gguf_file import read_metadata
 
 LLAMA_SPM_CASES = 46  # plus the trailing separator: "47" counting the empty tail
 
@@ -44,7 +44,7 @@ def test_other_vocab_references(name):
 def test_metadata_reader_matches_gguf_package():
     gguf = pytest.importorskip("gguf")
     path = llama_cpp_vocab("llama-spm")
-    ours = read_gguf_metadata(str(path))
+    ours = read_metadata(path)
     reader = gguf.GGUFReader(path)
     for key, field in reader.fields.items():
         if not key.startswith("GGUF."):

@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from engine.model import gguf_file
+from engine.model import gguf_file, gguf_llama
 from engine.model.safetensors_file import SINGLE_FILE_NAME
 
 
@@ -31,9 +31,9 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
         ValueError: the GGUF is malformed or not a supported architecture.
     """
     gguf_path, out_dir = os.fspath(gguf_path), os.fspath(out_dir)
-    reader = gguf_file.open_gguf(gguf_path)
-    config = gguf_file.hf_config(reader)
-    weights = gguf_file.GGUFWeights(reader, config)
+    parsed = gguf_file.read_gguf(gguf_path)
+    config = gguf_llama.hf_config(parsed)
+    weights = gguf_llama.GGUFWeights(parsed, config)
     os.makedirs(out_dir, exist_ok=True)
     _write_json(os.path.join(out_dir, "config.json"), config)
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from engine.model import gguf_file
+from engine.model import gguf_file, gguf_llama
 from engine.model.safetensors_file import open_safetensors_folder
 
 CONFIG_FILE_NAME = "config.json"
@@ -55,9 +55,9 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         return _load_folder(path)
     if os.path.isfile(path):
         if _is_gguf(path):
-            reader = gguf_file.open_gguf(path)
-            config = gguf_file.hf_config(reader)
-            return Checkpoint(path, "gguf", config, gguf_file.GGUFWeights(reader, config))
+            parsed = gguf_file.read_gguf(path)
+            config = gguf_llama.hf_config(parsed)
+            return Checkpoint(path, "gguf", config, gguf_llama.GGUFWeights(parsed, config))
         raise ValueError(f"{path}: not a GGUF file (no GGUF magic); for safetensors pass the "
                          f"model folder holding config.json")
     raise ValueError(f"{path}: no such file or folder (expected a Hugging Face model folder "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.tokenizer.gguf_meta import read_gguf_metadata
+from engine.model.gguf_file import read_metadata
 
 # GGUF token types (llama.cpp's llama_token_type); SentencePiece uses the same numbers.
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = (
@@ -66,7 +66,7 @@ def read_gguf_vocab(path: str) -> GGUFVocab:
         ValueError: the file is not a readable GGUF, has no tokenizer, or names a tokenizer
             model engine cannot rebuild.
     """
-    meta = read_gguf_metadata(path)
+    meta = read_metadata(path)
 
     def get(key, default=None):
         return meta.get(key, default)
