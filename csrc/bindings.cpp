@@ -175,4 +175,47 @@ PYBIND11_MODULE(_C, m) {
       py::arg("logits").noconvert(), py::arg("temperature").noconvert(),
       py::arg("top_k").noconvert(), py::arg("top_p").noconvert(), py::arg("min_p").noconvert(),
       py::arg("rng_state").noconvert(), py::arg("out").noconvert());
+
+  m.def(
+      "apply_penalties",
+      [](py::array logits, py::array prompt_tokens, py::array prompt_offsets,
+         py::array output_tokens, py::array output_offsets, py::array presence_penalty,
+         py::array frequency_penalty, py::array repetition_penalty, py::array bias_ids,
+         py::array bias_values, py::array bias_offsets) {
+        const char* op = "apply_penalties";
+        auto lv = view_of(logits, op, "logits", true);
+        auto pt = view_of(prompt_tokens, op, "prompt_tokens");
+        auto po = view_of(prompt_offsets, op, "prompt_offsets");
+        auto ot = view_of(output_tokens, op, "output_tokens");
+        auto oo = view_of(output_offsets, op, "output_offsets");
+        auto pp = view_of(presence_penalty, op, "presence_penalty");
+        auto fp = view_of(frequency_penalty, op, "frequency_penalty");
+        auto rp = view_of(repetition_penalty, op, "repetition_penalty");
+        auto bi = view_of(bias_ids, op, "bias_ids"), bv = view_of(bias_values, op, "bias_values");
+        auto bo = view_of(bias_offsets, op, "bias_offsets");
+        py::gil_scoped_release nogil;
+        engine::apply_penalties(lv, pt, po, ot, oo, pp, fp, rp, bi, bv, bo);
+      },
+      py::arg("logits").noconvert(), py::arg("prompt_tokens").noconvert(),
+      py::arg("prompt_offsets").noconvert(), py::arg("output_tokens").noconvert(),
+      py::arg("output_offsets").noconvert(), py::arg("presence_penalty").noconvert(),
+      py::arg("frequency_penalty").noconvert(), py::arg("repetition_penalty").noconvert(),
+      py::arg("bias_ids").noconvert(), py::arg("bias_values").noconvert(),
+      py::arg("bias_offsets").noconvert());
+
+  m.def(
+      "log_softmax_topk",
+      [](py::array logits, py::array token_ids, int64_t k, py::array out_token_logprob,
+         py::array out_topk_ids, py::array out_topk_logprobs) {
+        const char* op = "log_softmax_topk";
+        auto lv = view_of(logits, op, "logits"), tv = view_of(token_ids, op, "token_ids");
+        auto ov = view_of(out_token_logprob, op, "out_token_logprob", true);
+        auto iv = view_of(out_topk_ids, op, "out_topk_ids", true);
+        auto pv = view_of(out_topk_logprobs, op, "out_topk_logprobs", true);
+        py::gil_scoped_release nogil;
+        engine::log_softmax_topk(lv, tv, k, ov, iv, pv);
+      },
+      py::arg("logits").noconvert(), py::arg("token_ids").noconvert(), py::arg("k"),
+      py::arg("out_token_logprob").noconvert(), py::arg("out_topk_ids").noconvert(),
+      py::arg("out_topk_logprobs").noconvert());
 }

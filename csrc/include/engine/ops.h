@@ -88,4 +88,43 @@ void sample(const TensorView& logits, const TensorView& temperature, const Tenso
             const TensorView& top_p, const TensorView& min_p, const TensorView& rng_state,
             const TensorView& out);
 
+// In place on logits [num_seqs, vocab] f32 (rows contiguous, any row stride): the
+// OpenAI / vLLM penalties and logit bias, each sequence from its own CSR slices.
+// Sequence s owns prompt_tokens[prompt_offsets[s] : prompt_offsets[s+1]] (and the
+// same for output_tokens / bias_ids + bias_values); repeats are allowed. With
+// c[v] = occurrences of v among s's output tokens, in this order:
+//   1. repetition (HF / vLLM): v in the prompt or c[v] > 0 ->
+//      logit > 0 ? logit / repetition_penalty[s] : logit * repetition_penalty[s]
+//   2. logit -= frequency_penalty[s] * c[v] + presence_penalty[s] * (c[v] > 0)
+//      (1 and 2 in double, rounded to float once)
+//   3. logit += bias (float), for each (bias_ids[j], bias_values[j]) in list order,
+//      so a repeated id adds each of its biases.
+//   prompt_tokens  [num_prompt_tokens] i32,  prompt_offsets [num_seqs + 1] i32
+//   output_tokens  [num_output_tokens] i32,  output_offsets [num_seqs + 1] i32
+//   presence_penalty, frequency_penalty (finite), repetition_penalty (finite, > 0)
+//                  [num_seqs] f32
+//   bias_ids [num_bias] i32, bias_values [num_bias] f32 (no NaN or +inf),
+//                  bias_offsets [num_seqs + 1] i32
+// Offsets are non-decreasing, start >= 0 and end <= the length of their list (a
+// longer workspace list is fine); every id they cover is in [0, vocab). All of it is
+// checked before logits is written.
+void apply_penalties(const TensorView& logits, const TensorView& prompt_tokens,
+                     const TensorView& prompt_offsets, const TensorView& output_tokens,
+                     const TensorView& output_offsets, const TensorView& presence_penalty,
+                     const TensorView& frequency_penalty, const TensorView& repetition_penalty,
+                     const TensorView& bias_ids, const TensorView& bias_values,
+                     const TensorView& bias_offsets);
+
+// Log-probabilities for OpenAI / vLLM `logprobs`, per row of logits [num_seqs, vocab]
+// f32 (not modified): log_softmax(row) = (x - max) - log(sum(exp(x - max))), in double.
+//   token_ids          [num_seqs] i32 in [0, vocab): the chosen token of each row
+//   out_token_logprob  [num_seqs] f32: log_softmax(row)[token_ids[row]]
+//   out_topk_ids       [num_seqs, k] i32: the k most probable ids, best first,
+//                      ties to the lower id (0 <= k <= vocab)
+//   out_topk_logprobs  [num_seqs, k] f32: their log-probabilities
+// A row with NaN or +inf, or with every logit -inf, is an error; -inf gives -inf.
+void log_softmax_topk(const TensorView& logits, const TensorView& token_ids, int64_t k,
+                      const TensorView& out_token_logprob, const TensorView& out_topk_ids,
+                      const TensorView& out_topk_logprobs);
+
 }  // namespace engine

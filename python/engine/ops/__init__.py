@@ -16,8 +16,8 @@ from engine import _C
 
 __all__ = [
     "matmul", "rms_norm", "fused_add_rms_norm", "rope", "silu_and_mul", "embedding",
-    "kv_cache_write", "paged_attention", "sample", "isa", "best_isa", "set_isa",
-    "available_isas",
+    "kv_cache_write", "paged_attention", "sample", "apply_penalties", "log_softmax_topk",
+    "isa", "best_isa", "set_isa", "available_isas",
 ]
 
 
@@ -104,3 +104,50 @@ def sample(logits, temperature, top_k, top_p, min_p, rng_state, *, out):
     _backend(logits, temperature, top_k, top_p, min_p, rng_state, out).sample(
         logits, temperature, top_k, top_p, min_p, rng_state, out)
     return out
+
+
+def apply_penalties(logits, prompt_tokens, prompt_offsets, output_tokens, output_offsets,
+                    presence_penalty, frequency_penalty, repetition_penalty,
+                    bias_ids, bias_values, bias_offsets):
+    """In place on logits [num_seqs, vocab] f32: repetition, frequency/presence, logit bias.
+
+    Each sequence s reads its own slices of CSR lists (int32 ids, repeats allowed):
+    prompt_tokens[prompt_offsets[s]:prompt_offsets[s + 1]], likewise output_tokens and
+    bias_ids / bias_values. Order: repetition penalty (tokens in the prompt or output),
+    then frequency * count + presence * (count > 0) (output tokens), then each bias.
+
+    Args:
+        logits: [num_seqs, vocab] float32, modified in place.
+        prompt_tokens, output_tokens, bias_ids: int32 [*] ids in [0, vocab).
+        prompt_offsets, output_offsets, bias_offsets: int32 [num_seqs + 1].
+        presence_penalty, frequency_penalty, repetition_penalty: float32 [num_seqs].
+        bias_values: float32, one per bias id.
+    Returns:
+        logits.
+    """
+    _backend(logits, prompt_tokens, prompt_offsets, output_tokens, output_offsets,
+             presence_penalty, frequency_penalty, repetition_penalty, bias_ids, bias_values,
+             bias_offsets).apply_penalties(
+        logits, prompt_tokens, prompt_offsets, output_tokens, output_offsets, presence_penalty,
+        frequency_penalty, repetition_penalty, bias_ids, bias_values, bias_offsets)
+    return logits
+
+
+def log_softmax_topk(logits, token_ids, k: int, *, out_token_logprob, out_topk_ids,
+                     out_topk_logprobs):
+    """Log-probability of each row's chosen token and the row's top k (ties: lower id).
+
+    Args:
+        logits: [num_seqs, vocab] float32 (not modified).
+        token_ids: [num_seqs] int32, the chosen token of each row.
+        k: how many top tokens per row, 0 <= k <= vocab.
+        out_token_logprob: [num_seqs] float32.
+        out_topk_ids: [num_seqs, k] int32, best first.
+        out_topk_logprobs: [num_seqs, k] float32.
+    Returns:
+        (out_token_logprob, out_topk_ids, out_topk_logprobs).
+    """
+    _backend(logits, token_ids, out_token_logprob, out_topk_ids, out_topk_logprobs
+             ).log_softmax_topk(logits, token_ids, k, out_token_logprob, out_topk_ids,
+                                out_topk_logprobs)
+    return out_token_logprob, out_topk_ids, out_topk_logprobs

@@ -160,3 +160,61 @@ def sample(logits, temperature, top_k, top_p, min_p, rng_state, *, out):
         j = int(np.searchsorted(cum, target, side="right"))
         out[i] = int(ids[min(j, len(ids) - 1)])
     return out
+
+
+# ---- penalties and logprobs ----------------------------------------------------
+
+def _csr_slices(name, tokens, offsets, num_seqs, vocab):
+    """Each sequence's slice of a CSR list, after the checks the kernel makes."""
+    off = [int(o) for o in offsets]
+    if len(off) != num_seqs + 1 or off[0] < 0 or off[-1] > len(tokens) or any(
+            b < a for a, b in zip(off, off[1:])):
+        raise ValueError(f"apply_penalties: bad {name} offsets")
+    used = tokens[off[0]:off[-1]]
+    if used.size and (used.min() < 0 or used.max() >= vocab):
+        raise ValueError(f"apply_penalties: {name} out of range [0, {vocab})")
+    return [tokens[a:b] for a, b in zip(off, off[1:])]
+
+
+def apply_penalties(logits, prompt_tokens, prompt_offsets, output_tokens, output_offsets,
+                    presence_penalty, frequency_penalty, repetition_penalty,
+                    bias_ids, bias_values, bias_offsets):
+    """In order: repetition penalty on tokens in the prompt or the output (logit > 0:
+    divide, else multiply), then logit -= frequency * count + presence * (count > 0) over
+    the output counts (both in float64, rounded to float32 once), then each bias added in
+    float32, in list order.
+    """
+    num_seqs, vocab = logits.shape
+    prompts = _csr_slices("prompt_tokens", prompt_tokens, prompt_offsets, num_seqs, vocab)
+    outputs = _csr_slices("output_tokens", output_tokens, output_offsets, num_seqs, vocab)
+    b_ids = _csr_slices("bias_ids", bias_ids, bias_offsets, num_seqs, vocab)
+    b_vals = [bias_values[int(a):int(b)] for a, b in zip(bias_offsets, bias_offsets[1:])]
+    for s in range(num_seqs):
+        counts = np.bincount(outputs[s], minlength=vocab).astype(np.float64)
+        seen = counts > 0
+        seen[prompts[s]] = True
+        x = logits[s].astype(np.float64)
+        r = float(repetition_penalty[s])
+        x = np.where(seen, np.where(x > 0, x / r, x * r), x)
+        x = x - (float(frequency_penalty[s]) * counts + float(presence_penalty[s]) * (counts > 0))
+        row = x.astype(np.float32)
+        np.add.at(row, b_ids[s], b_vals[s].astype(np.float32))
+        logits[s] = row
+    return logits
+
+
+def log_softmax_topk(logits, token_ids, k, *, out_token_logprob, out_topk_ids,
+                     out_topk_logprobs):
+    """log p = (x - max) - log(sum(exp(x - max))) in float64; the top k by logit
+    (log_softmax keeps the order), ties to the lower id."""
+    for i, row in enumerate(logits):
+        if np.isnan(row).any():
+            raise ValueError(f"log_softmax_topk: row {i}: logits contain NaN")
+        x = row.astype(np.float64)
+        x_max = x.max()
+        logp = (x - x_max) - np.log(np.exp(x - x_max).sum())
+        out_token_logprob[i] = logp[token_ids[i]]
+        top = np.argsort(-x, kind="stable")[:k]
+        out_topk_ids[i] = top
+        out_topk_logprobs[i] = logp[top]
+    return out_token_logprob, out_topk_ids, out_topk_logprobs
