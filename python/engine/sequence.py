@@ -23,6 +23,8 @@ class Sequence:
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0              # tokens whose K/V are in the cache
         self.block_table: list[int] = []          # physical block of each logical block
+        self.block_hashes: list[int] = []         # prefix-cache hash of each full block, in order
+        self.num_cached_tokens = 0                # prompt tokens found in the prefix cache
         self.params = params
         self.rng_state = rng_state                # SplitMix64 state, advanced by the sampler
         self.detokenizer = detokenizer
