@@ -144,6 +144,18 @@ PYBIND11_MODULE(_C, m) {
       py::arg("v_cache").noconvert(), py::arg("slot_mapping").noconvert());
 
   m.def(
+      "kv_cache_copy",
+      [](py::array k_cache, py::array v_cache, py::array src_blocks, py::array dst_blocks) {
+        const char* op = "kv_cache_copy";
+        auto kc = view_of(k_cache, op, "k_cache", true), vc = view_of(v_cache, op, "v_cache", true);
+        auto sv = view_of(src_blocks, op, "src_blocks"), dv = view_of(dst_blocks, op, "dst_blocks");
+        py::gil_scoped_release nogil;
+        engine::kv_cache_copy(kc, vc, sv, dv);
+      },
+      py::arg("k_cache").noconvert(), py::arg("v_cache").noconvert(),
+      py::arg("src_blocks").noconvert(), py::arg("dst_blocks").noconvert());
+
+  m.def(
       "paged_attention",
       [](py::array q, py::array k_cache, py::array v_cache, py::array block_tables,
          py::array seq_lens, py::array query_start_loc, double scale, py::array out) {

@@ -182,12 +182,12 @@ AttendFn pick_kernel() {
 // Work items and the split-KV merge
 // ================================================================================
 
-constexpr int64_t kMinSplitKv = 256;  // fewer cached tokens per split is not worth a merge
+constexpr int64_t kSplitKv = 512;  // KV positions per split piece
 
 struct Plan {
   std::vector<Item> items;
   std::vector<int64_t> split_slot;  // per item: scratch slot, or -1 when it writes out directly
-  std::vector<int64_t> groups;      // first item of each split group; then one past the last
+  std::vector<int64_t> groups;      // per split group: its first item, then one past its last
   std::vector<float> scratch;       // per slot: acc [(kMaxRows + group) * head_dim], m, l
   int64_t slot_size = 0;
 };
@@ -218,35 +218,29 @@ void make_plan(Plan& p, const Args& a, const TensorView& seq_lens,
         p.items.push_back({s, h, start, context_len, r, r_end, 0, kv_end});
       }
   }
-  // Too few items for the threads: split the long ones along the KV axis.
-  const int64_t num_items = static_cast<int64_t>(p.items.size());
-  const int64_t want = num_items > 0 ? (4 * num_threads + num_items - 1) / num_items : 1;
-  if (num_threads <= 1 || num_items >= 2 * num_threads || want <= 1) {
-    p.split_slot.assign(p.items.size(), -1);
-    return;
-  }
+  // Long KV ranges are split into pieces at fixed multiples of kSplitKv (flash-decoding), so
+  // that one long sequence still uses every thread. The pieces depend on the item alone, never
+  // on the batch or the thread count: a sequence's result is the same in any batch.
   std::vector<Item> whole;
   whole.swap(p.items);
   int64_t num_slots = 0;
   for (const Item& it : whole) {
-    int64_t n = it.kv_end / kMinSplitKv;
-    n = n < want ? n : want;
+    const int64_t n = (it.kv_end + kSplitKv - 1) / kSplitKv;
     if (n <= 1) {
       p.items.push_back(it);
       p.split_slot.push_back(-1);
       continue;
     }
-    p.groups.push_back(static_cast<int64_t>(p.items.size()));
-    const int64_t len = (it.kv_end + n - 1) / n;
+    p.groups.push_back(static_cast<int64_t>(p.items.size()));  // first piece
     for (int64_t k = 0; k < n; ++k) {
       Item part = it;
-      part.kv_begin = k * len;
-      part.kv_end = (k + 1) * len < it.kv_end ? (k + 1) * len : it.kv_end;
+      part.kv_begin = k * kSplitKv;
+      part.kv_end = (k + 1) * kSplitKv < it.kv_end ? (k + 1) * kSplitKv : it.kv_end;
       p.items.push_back(part);
       p.split_slot.push_back(num_slots++);
     }
+    p.groups.push_back(static_cast<int64_t>(p.items.size()));  // one past the last piece
   }
-  p.groups.push_back(static_cast<int64_t>(p.items.size()));
   p.slot_size = (kMaxRows + a.group) * a.head_dim + 2 * kMaxRows;
   if (static_cast<int64_t>(p.scratch.size()) < num_slots * p.slot_size)
     p.scratch.resize(num_slots * p.slot_size);
@@ -315,10 +309,10 @@ void paged_attention(const TensorView& q, const TensorView& k_cache, const Tenso
 #pragma omp parallel for schedule(dynamic, 1) if (num_items > 1)
   for (int64_t i = 0; i < num_items; ++i) attend(a, p.items[i], dest_for(p, a, i));
 
-  const int64_t num_groups = static_cast<int64_t>(p.groups.size()) - 1;
+  const int64_t num_groups = static_cast<int64_t>(p.groups.size()) / 2;
   // A merge is a few KiB of arithmetic: a second parallel region costs more for a few groups.
 #pragma omp parallel for schedule(dynamic, 1) if (num_groups >= 16)
-  for (int64_t g = 0; g < num_groups; ++g) merge_group(p, a, p.groups[g], p.groups[g + 1]);
+  for (int64_t g = 0; g < num_groups; ++g) merge_group(p, a, p.groups[2 * g], p.groups[2 * g + 1]);
 }
 
 }  // namespace engine

@@ -132,8 +132,10 @@ void run_chunks(const MatmulArgs& a, int64_t block_k) {
 template <class Kernel, class W>
 void run_matmul(const MatmulArgs& a) {
   if (a.num_tokens == 1) {
-    // Decode (GEMV): memory-bound; stream each weight row once, whole K at a time.
-    run_chunks<Kernel, Kernel::kGemvRows, 1, W>(a, a.in_features);
+    // Decode (GEMV): memory-bound; stream each weight row once. K is split into the same
+    // blocks as for many tokens, so a row's result never depends on the batch it is in
+    // (the same summation order: batch-invariant outputs).
+    run_chunks<Kernel, Kernel::kGemvRows, 1, W>(a, std::min(a.in_features, kBlockK));
   } else {
     run_chunks<Kernel, Kernel::kRows, Kernel::kTokens, W>(a, std::min(a.in_features, kBlockK));
   }

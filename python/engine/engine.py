@@ -8,17 +8,20 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass
 
 from engine.kv_cache.block_manager import BlockManager
 from engine.model.llama import Workspace
 from engine.model.loader import load_checkpoint
+from engine.metrics import EngineMetrics
 from engine.model.registry import build_model, resolve_model_path
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.runner import ModelRunner
+from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
-from engine.sequence import Sequence
+from engine.sequence import Sequence, SequenceStatus
 from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger("engine")
@@ -40,6 +43,7 @@ class EngineConfig:
         max_num_batched_tokens: most tokens in one step (longer prompts are chunked).
         max_num_seqs: most sequences in one step.
         skip_tokenizer_init: run on token ids alone (no tokenizer files needed; no text out).
+        enable_prefix_caching: reuse the KV blocks of prompts' shared prefixes.
     """
     model: str
     max_model_len: int | None = None
@@ -49,6 +53,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 64
     skip_tokenizer_init: bool = False
+    enable_prefix_caching: bool = True
 
     def __post_init__(self):
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
@@ -85,20 +90,29 @@ class LLMEngine:
         self.model = build_model(checkpoint, max_position=self.max_model_len)
         self.model_config = self.model.config
         self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(config.kv_cache_gib)
-        self.block_manager = BlockManager(self.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.num_blocks, config.block_size,
-                                  config.max_num_batched_tokens, config.max_num_seqs,
-                                  self.max_model_len, Workspace)
+        self.block_manager = BlockManager(self.num_blocks, config.block_size,
+                                          config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens,
+                                   config.max_num_seqs)
+        self.runner = ModelRunner(self.model, Sampler(self.eos_token_ids), self.num_blocks,
+                                  config.block_size, config.max_num_batched_tokens,
+                                  config.max_num_seqs, self.max_model_len, Workspace)
+        self.metrics = EngineMetrics()
+        self._prefix_seen = (0, 0)  # the block manager's counters at the last step
         self.requests: dict[str, Request] = {}
         self._seq_ids = itertools.count()
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", self.num_blocks,
-                    config.block_size, self.num_blocks * config.block_size)
+        tokens = self.num_blocks * config.block_size
+        logger.info("KV cache: %d blocks of %d tokens = %d tokens, %.2f GiB; %.1f sequences of "
+                    "max_model_len %d at once", self.num_blocks, config.block_size, tokens,
+                    self.num_blocks * self._block_bytes() / (1 << 30),
+                    tokens / self.max_model_len, self.max_model_len)
+
+    def _block_bytes(self) -> int:
+        c = self.model_config
+        return 2 * c.num_layers * self.config.block_size * c.kv_size * 4
 
     def _blocks_for_budget(self, gib: float) -> int:
-        c = self.model_config
-        block_bytes = 2 * c.num_layers * self.config.block_size * c.kv_size * 4
-        return max(1, int(gib * (1 << 30)) // block_bytes)
+        return max(1, int(gib * (1 << 30)) // self._block_bytes())
 
     # ---- requests ----------------------------------------------------------------
 
@@ -122,10 +136,14 @@ class LLMEngine:
                              f"{self.num_blocks}")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        params.check_vocab(self.model_config.vocab_size)
         seqs = [self._new_sequence(request_id, i, ids, params) for i in range(params.n)]
         self.requests[request_id] = Request(request_id, text, ids, params, seqs)
-        for seq in seqs:
-            self.scheduler.add(seq)
+        # n > 1: the first sequence computes the prompt, the others fork from it (sharing
+        # its blocks) just before its last prompt token.
+        seqs[0].pending_children = seqs[1:]
+        self.scheduler.add(seqs[0])
+        self.metrics.on_request_arrived(request_id, time.monotonic(), len(ids))
 
     def _tokenize(self, prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -160,11 +178,15 @@ class LLMEngine:
         return Sequence(next(self._seq_ids), request_id, index, ids, params, state, detok)
 
     def abort_request(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks at once (unknown ids are ignored)."""
         request = self.requests.pop(request_id, None)
-        for seq in request.seqs if request else []:
+        if request is None:
+            return
+        for seq in request.seqs:
             if not seq.is_finished:
                 seq.finish("abort")
             self.scheduler.finish(seq)
+        self.metrics.on_request_finished(request_id, "abort")
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -173,28 +195,64 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one forward; returns the outputs of requests that produced a token."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+        self._fork_ready_parents()
+        out = self.scheduler.schedule()
+        if not out.scheduled:
             return []
-        sampled = self.runner.execute(scheduled)
+        start = time.monotonic()
+        sampled = self.runner.execute(out.scheduled, out.copies)
+        now = time.monotonic()
         touched = {}
-        for (seq, n), token in zip(scheduled, sampled.tolist()):
+        num_prefill = num_decode = 0
+        for i, (seq, n) in enumerate(out.scheduled):
+            is_decode = seq.num_computed_tokens >= seq.num_prompt_tokens
+            num_decode += n if is_decode else 0
+            num_prefill += 0 if is_decode else n
             seq.num_computed_tokens += n
+            self.block_manager.commit(seq)
             if seq.num_computed_tokens < seq.num_tokens:
                 continue  # prompt chunk: nothing sampled yet
-            self._append_token(seq, token)
+            self._append_token(seq, int(sampled.token_ids[i]), sampled.logprobs[i])
             if seq.is_finished:
                 self.scheduler.finish(seq)
-            touched[seq.request_id] = self.requests[seq.request_id]
-        outputs = [self._output(r) for r in touched.values()]
-        for out in outputs:
-            if out.finished:
-                del self.requests[out.request_id]
+            touched[seq.request_id] = touched.get(seq.request_id, 0) + 1
+        for request_id, num_tokens in touched.items():
+            self.metrics.on_token(request_id, now, num_tokens)
+        self._record_step(num_prefill, num_decode, now - start)
+        outputs = [self._output(self.requests[r]) for r in touched]
+        for output in outputs:
+            if output.finished:
+                del self.requests[output.request_id]
+                reason = output.outputs[0].finish_reason
+                self.metrics.on_request_finished(output.request_id, reason)
         return outputs
 
-    def _append_token(self, seq: Sequence, token: int) -> None:
+    def _fork_ready_parents(self) -> None:
+        """Give children of parents whose prompt (but its last token) is computed their
+        share of the parent's blocks; each then computes the last token and samples."""
+        for parent in list(self.scheduler.running):
+            if parent.pending_children and parent.num_computed_tokens == parent.num_tokens - 1:
+                for child in parent.pending_children:
+                    self.block_manager.fork(parent, child)
+                    child.status = SequenceStatus.RUNNING
+                    self.scheduler.running.append(child)
+                parent.pending_children = []
+
+    def _record_step(self, num_prefill: int, num_decode: int, seconds: float) -> None:
+        bm = self.block_manager
+        self.metrics.on_step(num_prefill, num_decode, seconds, len(self.scheduler.running),
+                             len(self.scheduler.waiting), bm.num_blocks - bm.num_free_blocks,
+                             bm.num_blocks)
+        seen = (bm.num_prefix_queries_tokens, bm.num_prefix_hit_tokens)
+        self.metrics.on_prefix_cache(seen[0] - self._prefix_seen[0], seen[1] - self._prefix_seen[1])
+        self._prefix_seen = seen
+
+    def _append_token(self, seq: Sequence, token: int, logprobs=None) -> None:
         params = seq.params
         seq.token_ids.append(token)
+        if logprobs is not None:
+            seq.logprobs.append({token: logprobs.logprob, **dict(logprobs.top)})
+            seq.cumulative_logprob += logprobs.logprob
         previous = len(seq.text)
         if seq.detokenizer is not None:
             seq.text += seq.detokenizer.add(token)
@@ -230,6 +288,12 @@ class LLMEngine:
             if not seq.is_finished and request.params.stop:
                 # hold back what could still become a stop string
                 text = text[:max(0, len(text) - max(len(s) for s in request.params.stop) + 1)]
-            outs.append(CompletionOutput(seq.index, text, seq.output_token_ids,
-                                         seq.finish_reason, seq.stop_reason))
-        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs)
+            outs.append(CompletionOutput(
+                seq.index, text, seq.output_token_ids, seq.finish_reason, seq.stop_reason,
+                seq.logprobs if request.params.logprobs is not None else None,
+                seq.cumulative_logprob if request.params.logprobs is not None else None))
+        prompt_lps = None
+        if request.params.prompt_logprobs is not None:
+            prompt_lps = [None] + request.seqs[0].prompt_logprobs
+        return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs,
+                             prompt_lps)

@@ -12,6 +12,8 @@ class CompletionOutput:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop", "length" or None while running
     stop_reason: str | int | None = None  # the stop string or token that ended it
+    logprobs: list[dict[int, float]] | None = None  # per token: chosen and top-N ids -> logprob
+    cumulative_logprob: float | None = None
 
 
 @dataclass
@@ -20,6 +22,7 @@ class RequestOutput:
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # first entry None, as in vLLM
 
     @property
     def finished(self) -> bool:

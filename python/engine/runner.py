@@ -11,31 +11,59 @@ import numpy as np
 
 from engine import ops
 from engine.model.batch import ForwardBatch, KVCache
+from engine.sampler import prompt_logprobs
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, max_num_batched_tokens: int,
-                 max_num_seqs: int, max_model_len: int, workspace_cls):
+    def __init__(self, model, sampler, num_blocks: int, block_size: int,
+                 max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
+                 workspace_cls):
         c = model.config
         self.model = model
+        self.sampler = sampler
         self.block_size = block_size
         self.max_blocks_per_seq = -(-max_model_len // block_size)
         self.kv_caches = [KVCache.allocate(num_blocks, block_size, c.num_kv_heads, c.head_dim)
                           for _ in range(c.num_layers)]
         self.workspace = workspace_cls(c, max_num_batched_tokens, max_num_seqs)
-        self.sampled = np.empty(max_num_seqs, np.int32)
 
-    def execute(self, scheduled: list[tuple[object, int]]) -> np.ndarray:
-        """Run one step over [(sequence, num_new_tokens), ...].
+    def execute(self, scheduled: list[tuple[object, int]], copies: list[tuple[int, int]] = ()):
+        """Run one step over [(sequence, num_new_tokens), ...] after copying KV blocks.
 
         Returns:
-            int32 [num_seqs]: the sampled token of each sequence (meaningless for a
-            sequence whose prompt is not yet fully computed after this step).
+            SamplerOutput: one token per sequence (meaningless for a sequence whose
+            prompt is not yet fully computed after this step).
         """
+        if copies:
+            src = np.array([c[0] for c in copies], np.int32)
+            dst = np.array([c[1] for c in copies], np.int32)
+            for cache in self.kv_caches:
+                ops.kv_cache_copy(cache.k, cache.v, src, dst)
         batch = self.build_batch(scheduled)
         logits = self.model.forward(batch, self.kv_caches, self.workspace)
+        seqs = [seq for seq, _ in scheduled]
+        for i, (seq, n) in enumerate(scheduled):
+            if seq.params.prompt_logprobs is not None:
+                self._prompt_logprobs(seq, int(batch.query_start_loc[i]), n)
         is_sampled = [seq.num_computed_tokens + n == seq.num_tokens for seq, n in scheduled]
-        return self.sample(logits, [seq for seq, _ in scheduled], is_sampled)
+        return self.sampler(logits, seqs, is_sampled)
+
+    def _prompt_logprobs(self, seq, row0: int, n: int, rows_per_pass: int = 256) -> None:
+        """Append to seq.prompt_logprobs the logprob of each prompt token this chunk predicts
+        (position p's logits score token p + 1), each position once even after preemption."""
+        first = seq.num_computed_tokens
+        begin = max(first, len(seq.prompt_logprobs))
+        end = min(first + n, seq.num_prompt_tokens - 1)
+        k = seq.params.prompt_logprobs
+        vocab = self.model.config.vocab_size
+        for p0 in range(begin, end, rows_per_pass):
+            p1 = min(end, p0 + rows_per_pass)
+            rows = np.arange(row0 + p0 - first, row0 + p1 - first)
+            logits = self.model.logits_for_rows(self.workspace, rows,
+                                                np.empty((len(rows), vocab), np.float32))
+            next_ids = np.asarray(seq.token_ids[p0 + 1:p1 + 1], np.int32)
+            for lp in prompt_logprobs(logits, next_ids, k):
+                seq.prompt_logprobs.append({lp.token_id: lp.logprob, **dict(lp.top)})
 
     def build_batch(self, scheduled) -> ForwardBatch:
         num_seqs = len(scheduled)
@@ -63,19 +91,3 @@ class ModelRunner:
                             query_start_loc=query_start_loc, seq_lens=seq_lens,
                             block_tables=block_tables,
                             logits_indices=query_start_loc[1:] - 1)
-
-    def sample(self, logits: np.ndarray, seqs, is_sampled: list[bool]) -> np.ndarray:
-        """Draw one token per row. Only rows whose sequence keeps its token advance their
-        generator, so a sequence's draws never depend on how its prompt was chunked."""
-        params = [seq.params for seq in seqs]
-        temperature = np.array([p.temperature for p in params], np.float32)
-        top_k = np.array([p.top_k for p in params], np.int32)
-        top_p = np.array([p.top_p for p in params], np.float32)
-        min_p = np.array([p.min_p for p in params], np.float32)
-        rng_state = np.array([seq.rng_state for seq in seqs], np.uint64)
-        out = self.sampled[:len(seqs)]
-        ops.sample(logits, temperature, top_k, top_p, min_p, rng_state, out=out)
-        for seq, state, keep in zip(seqs, rng_state.tolist(), is_sampled):
-            if keep:
-                seq.rng_state = state
-        return out

@@ -25,6 +25,10 @@ class Sequence:
         self.block_table: list[int] = []          # physical block of each logical block
         self.block_hashes: list[int] = []         # prefix-cache hash of each full block, in order
         self.num_cached_tokens = 0                # prompt tokens found in the prefix cache
+        self.pending_children: list[Sequence] = []  # n > 1: forked once the prompt is computed
+        self.logprobs: list[dict[int, float]] = []  # per output token, when asked
+        self.prompt_logprobs: list[dict[int, float]] = []  # for prompt tokens 1.., when asked
+        self.cumulative_logprob = 0.0
         self.params = params
         self.rng_state = rng_state                # SplitMix64 state, advanced by the sampler
         self.detokenizer = detokenizer

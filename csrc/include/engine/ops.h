@@ -61,6 +61,13 @@ void embedding(const TensorView& ids, const TensorView& table, const TensorView&
 //   slot_mapping  [num_tokens] i32
 void kv_cache_write(const TensorView& k, const TensorView& v, const TensorView& k_cache,
                     const TensorView& v_cache, const TensorView& slot_mapping);
+// k_cache[dst_blocks[i]] = k_cache[src_blocks[i]] (and v), whole blocks: the K/V copy
+// of copy-on-write. Ids in [0, num_blocks); no dst repeats or is also a src, so the
+// pairs are independent.
+//   k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] f32 contiguous
+//   src_blocks, dst_blocks [num_pairs] i32
+void kv_cache_copy(const TensorView& k_cache, const TensorView& v_cache,
+                   const TensorView& src_blocks, const TensorView& dst_blocks);
 
 // ---- attention -----------------------------------------------------------------
 // Causal attention over a paged cache, for a packed batch of sequences. Sequence s

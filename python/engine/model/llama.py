@@ -123,6 +123,16 @@ class LlamaForCausalLM:
         np.take(hidden, batch.logits_indices, axis=0, out=last)
         return ops.matmul(last, self.lm_head, out=ws.logits[:s])
 
+    def logits_for_rows(self, ws: Workspace, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
+        """Logits of the given token rows of the last forward (prompt logprobs).
+
+        Args:
+            ws: the workspace the last forward ran in (its final hidden states).
+            rows: int indices into that step's tokens.
+            out: float32 [len(rows), vocab].
+        """
+        return ops.matmul(np.ascontiguousarray(ws.hidden[rows]), self.lm_head, out=out)
+
     def _attention(self, layer: LlamaLayer, cache: KVCache, batch: ForwardBatch,
                    hidden, qkv, attn):
         """hidden -> qkv -> rope -> cache write -> paged attention -> o_proj -> hidden."""

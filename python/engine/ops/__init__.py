@@ -16,7 +16,7 @@ from engine import _C
 
 __all__ = [
     "matmul", "rms_norm", "fused_add_rms_norm", "rope", "silu_and_mul", "embedding",
-    "kv_cache_write", "paged_attention", "sample", "apply_penalties", "log_softmax_topk",
+    "kv_cache_write", "kv_cache_copy", "paged_attention", "sample", "apply_penalties", "log_softmax_topk",
     "isa", "best_isa", "set_isa", "available_isas",
 ]
 
@@ -89,6 +89,18 @@ def kv_cache_write(k, v, k_cache, v_cache, slot_mapping):
     """Write new K/V rows into the paged cache at the given slots (-1 skips)."""
     _backend(k, v, k_cache, v_cache, slot_mapping).kv_cache_write(
         k, v, k_cache, v_cache, slot_mapping)
+
+
+def kv_cache_copy(k_cache, v_cache, src_blocks, dst_blocks):
+    """Copy whole cache blocks src_blocks[i] -> dst_blocks[i] in K and V (copy-on-write).
+
+    Args:
+        k_cache, v_cache: [num_blocks, block_size, num_kv_heads, head_dim] float32, contiguous.
+        src_blocks, dst_blocks: int32 [num_pairs] ids in [0, num_blocks); no dst repeats
+            or is also a src.
+    """
+    _backend(k_cache, v_cache, src_blocks, dst_blocks).kv_cache_copy(
+        k_cache, v_cache, src_blocks, dst_blocks)
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,

@@ -70,6 +70,12 @@ def kv_cache_write(k, v, k_cache, v_cache, slot_mapping):
         v_cache[slot // block_size, slot % block_size] = v[i]
 
 
+def kv_cache_copy(k_cache, v_cache, src_blocks, dst_blocks):
+    for src, dst in zip(src_blocks, dst_blocks):
+        k_cache[dst] = k_cache[src]
+        v_cache[dst] = v_cache[src]
+
+
 def gather_kv(cache, block_table, seq_len):
     """The first seq_len cached tokens of one sequence: [seq_len, num_kv_heads, head_dim]."""
     block_size = cache.shape[1]
