@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 from typing import Iterator, Sequence
 
+from tqdm import tqdm
+
 from engine.engine import EngineConfig, LLMEngine
 from engine.model.registry import DEFAULT_MODEL
 from engine.outputs import RequestOutput
@@ -28,13 +30,14 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
-    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
-        """Generate completions for one prompt or a list of them.
+    def generate(self, prompts, sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate completions for one prompt or a list of them, all batched together.
 
         Args:
             prompts: a string, a {"prompt_token_ids": [...]} dict, or a list of those.
             sampling_params: one SamplingParams for all prompts, or one per prompt.
+            use_tqdm: show a progress bar when more than one prompt is given.
 
         Returns:
             One RequestOutput per prompt, in input order.
@@ -50,13 +53,14 @@ class LLM:
             for prompt, p in zip(prompts, params):
                 request_ids.append(str(next(self._ids)))
                 self.engine.add_request(request_ids[-1], prompt, p)
-            return self._run(request_ids)
+            return self._run(request_ids, use_tqdm and len(request_ids) > 1)
         except BaseException:
             for rid in request_ids:
                 self.engine.abort_request(rid)
             raise
 
-    def chat(self, messages, sampling_params: SamplingParams | None = None) -> list[RequestOutput]:
+    def chat(self, messages, sampling_params: SamplingParams | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate replies to a conversation (a list of {"role", "content"} dicts) or a list
         of conversations, through the model's chat template."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
@@ -67,7 +71,7 @@ class LLM:
             # the template writes any BOS itself
             prompts.append({"prompt": text,
                             "prompt_token_ids": tok.encode(text, add_special_tokens=False)})
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yield the text of one completion piece by piece as it is generated."""
@@ -95,11 +99,18 @@ class LLM:
             raise ValueError(f"got {len(params)} SamplingParams for {count} prompts")
         return params
 
-    def _run(self, request_ids: list[str]) -> list[RequestOutput]:
+    def _run(self, request_ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
         wanted = set(request_ids)
         final: dict[str, RequestOutput] = {}
-        while len(final) < len(wanted) and self.engine.has_unfinished_requests():
-            for out in self.engine.step():
-                if out.request_id in wanted and out.finished:
-                    final[out.request_id] = out
+        bar = tqdm(total=len(request_ids), desc="generating", unit="req") if use_tqdm else None
+        try:
+            while len(final) < len(wanted) and self.engine.has_unfinished_requests():
+                for out in self.engine.step():
+                    if out.request_id in wanted and out.finished:
+                        final[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
         return [final[rid] for rid in request_ids]
