@@ -38,6 +38,20 @@ def test_eos_finishes_with_stop(llm):
     assert "<|im_end|>" not in out.text and out.text.strip()
 
 
+def test_chat_takes_a_list_of_conversations_and_applies_the_template(llm):
+    conversations = [[{"role": "user", "content": "Say hi."}],
+                     [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Name a color."}]]
+    outs = llm.chat(conversations, greedy(max_tokens=8))
+    assert len(outs) == 2
+    tok = llm.get_tokenizer()
+    for conversation, out in zip(conversations, outs):
+        text = tok.apply_chat_template(conversation, add_generation_prompt=True)
+        assert out.prompt == text and text.endswith("<|im_start|>assistant\n")
+        assert out.prompt_token_ids == tok.encode(text, add_special_tokens=False)
+        assert out.outputs[0].token_ids
+
+
 def test_stop_string_is_cut_and_never_emitted(llm):
     base = llm.generate("1, 2, 3, 4,", greedy(max_tokens=20, ignore_eos=True))[0].outputs[0]
     assert " 7" in base.text

@@ -7,6 +7,10 @@
 
 __version__ = "0.1.0"
 
+from engine.logging_setup import configure_logging
+
+configure_logging()
+
 from engine.llm import LLM
 from engine.outputs import CompletionOutput, RequestOutput
 from engine.sampling_params import SamplingParams
