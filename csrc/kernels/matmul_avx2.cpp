@@ -32,12 +32,9 @@ inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
+// sum(v) in exactly hsum4's order, so a row's result does not depend on the tile shape
+// (decode and prefill tiles differ): outputs are bit-identical in any batch.
+inline float hsum(__m256 v) { return _mm_cvtss_f32(hsum4(v, v, v, v)); }
 
 template <int R, int C>
 inline void store_tile(__m256 (&acc)[R][C], const float* bias, bool accumulate, float* out,

@@ -61,7 +61,9 @@ inline void store_tile(__m512 (&acc)[R][C], const float* bias, bool accumulate, 
       }
     }
     for (; r < R; ++r) {
-      float s = _mm512_reduce_add_ps(acc[r][c]);
+      // hsum4's order, not _mm512_reduce_add_ps's: a row's result must not depend on
+      // whether it sat in a 4-row tile or a tail (bit-identical outputs in any batch).
+      float s = _mm_cvtss_f32(hsum4(acc[r][c], acc[r][c], acc[r][c], acc[r][c]));
       o[r] = (accumulate ? o[r] : bias ? bias[r] : 0.0f) + s;
     }
   }

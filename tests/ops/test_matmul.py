@@ -69,6 +69,24 @@ def test_decode_and_prefill_shapes(isa, rng, w_dtype, shape):
     check_matmul(rng, num_tokens, in_features, out_features, w_dtype, True, 8, 3)
 
 
+@pytest.mark.parametrize("w_dtype", WEIGHT_DTYPES, ids=lambda d: np.dtype(d).name)
+@given(num_tokens=st.integers(2, 20), in_features=st.sampled_from([5, 17, 576, 1100, 2100]),
+       out_features=st.sampled_from([1, 3, 13, 67, 1540]), seed=st.integers(0, 2**16))
+def test_each_row_is_bit_identical_alone_and_in_a_batch(isa, w_dtype, num_tokens, in_features,
+                                                        out_features, seed):
+    """Batch invariance: decode (one row) and prefill tiles sum in the same order."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((num_tokens, in_features)).astype(np.float32)
+    w = rng.standard_normal((out_features, in_features)).astype(w_dtype)
+    batch = ops.matmul(x, w, out=np.empty((num_tokens, out_features), np.float32))
+    for t in range(num_tokens):
+        alone = ops.matmul(x[t:t + 1], w, out=np.empty((1, out_features), np.float32))
+        assert np.array_equal(alone[0], batch[t]), f"row {t} differs"
+    head = ops.matmul(x[:num_tokens // 2], w,
+                      out=np.empty((num_tokens // 2, out_features), np.float32))
+    assert np.array_equal(head, batch[:num_tokens // 2])
+
+
 def test_strided_token_rows(isa, rng):
     """x and out as every other row of bigger arrays (row stride 2 * width)."""
     x = rng.standard_normal((14, 40)).astype(np.float32)[::2]

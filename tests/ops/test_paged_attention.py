@@ -204,3 +204,21 @@ def test_rejects(case, rng):
     with pytest.raises(ValueError, match=r"^paged_attention: .*" + ERRORS[case]):
         ops.paged_attention(*args[:-1], out=out)
     np.testing.assert_array_equal(out, before)
+
+
+@given(seqs=st.lists(st.tuples(st.integers(1, 1300), st.integers(1, 3)), min_size=2, max_size=5),
+       seed=st.integers(0, 2**16))
+def test_each_sequence_is_bit_identical_alone_and_in_a_batch(isa, seqs, seed):
+    """Batch invariance: a sequence's output does not depend on the others in the step
+    (including contexts long enough for the split-KV path)."""
+    seqs = [(max(seq_len, n), n) for seq_len, n in seqs]
+    args = make_batch(np.random.default_rng(seed), seqs, 2, 3, 16, 16)
+    q, k_cache, v_cache, block_tables, seq_lens, qsl, scale, out = args
+    ops.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale, out=out)
+    for s in range(len(seqs)):
+        start, end = int(qsl[s]), int(qsl[s + 1])
+        alone = np.empty((end - start,) + out.shape[1:], np.float32)
+        ops.paged_attention(q[start:end], k_cache, v_cache, block_tables[s:s + 1],
+                            seq_lens[s:s + 1], np.array([0, end - start], np.int32), scale,
+                            out=alone)
+        assert np.array_equal(alone, out[start:end]), f"sequence {s} differs"
