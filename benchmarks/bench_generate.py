@@ -78,7 +78,9 @@ def main() -> int:
     from engine.model.registry import resolve_model_path
 
     path = resolve_model_path(args.model)
-    llm = LLM(path, max_model_len=args.prompt_len + args.new_tokens + 32)
+    # the same prompt runs repeatedly: without this the prefix cache would skip its prefill
+    llm = LLM(path, max_model_len=args.prompt_len + args.new_tokens + 32,
+              enable_prefix_caching=False)
     vocab = llm.engine.model_config.vocab_size
     prompt_ids = np.random.default_rng(0).integers(100, vocab, args.prompt_len).tolist()
 
