@@ -90,6 +90,20 @@ def test_stream_concatenates_to_the_generated_text(llm):
     assert all("\ufffd" not in p for p in pieces)
 
 
+def test_nearby_seeds_give_unrelated_streams(llm):
+    params = [SamplingParams(temperature=1.0, max_tokens=8, seed=s, ignore_eos=True)
+              for s in (5, 6)]
+    a, b = (llm.generate("Once upon a time", p)[0].outputs[0].token_ids for p in params)
+    assert a[1:] != b[:-1] and a != b  # not one stream shifted by a token
+
+
+def test_numpy_integer_token_ids_are_accepted(llm):
+    import numpy as np
+    ids = np.array([504, 3575, 282], np.int64)
+    out = llm.generate({"prompt_token_ids": list(ids)}, greedy(max_tokens=2))[0]
+    assert out.prompt_token_ids == [504, 3575, 282]
+
+
 def test_n_completions(llm):
     out = llm.generate("Tell me a color:", SamplingParams(n=3, temperature=1.0, max_tokens=6,
                                                          seed=7, ignore_eos=True))[0]
@@ -102,6 +116,8 @@ def test_n_completions(llm):
     ({"prompt_token_ids": []}, greedy(), "empty"),
     ({"prompt_token_ids": [1, 49152]}, greedy(), "token ids must be integers in [0, 49152)"),
     ({"prompt_token_ids": [1, -3]}, greedy(), "[0, 49152)"),
+    ("x " * 300, SamplingParams(max_tokens=None), "max_model_len is 256"),
+    ({"prompt_token_ids": [1] * 256}, SamplingParams(max_tokens=None), "prompt has 256 tokens"),
     (42, greedy(), "prompts must be a string"),
     ([42], greedy(), "prompt must be a string"),
 ])
@@ -116,6 +132,7 @@ def test_bad_requests_raise_value_error_and_leave_the_engine_usable(llm, prompt,
 @pytest.mark.parametrize("field, value", [
     ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 1.5),
     ("max_tokens", 0), ("n", 0), ("stop", [""]), ("seed", 1.5), ("temperature", float("nan")),
+    ("temperature", float("inf")), ("temperature", 1e39),
 ])
 def test_sampling_params_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import numbers
 import os
 import time
 from dataclasses import dataclass
+
+import numpy as np
 
 from engine.kv_cache.block_manager import BlockManager
 from engine.model.llama import Workspace
@@ -25,6 +28,16 @@ from engine.sequence import Sequence, SequenceStatus
 from engine.tokenizer import IncrementalDetokenizer, load_tokenizer
 
 logger = logging.getLogger("engine")
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit integers that scatters nearby inputs."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
 
 
 def _config_eos_ids(config: dict) -> set[int]:
@@ -125,11 +138,17 @@ class LLMEngine:
                 that could never fit (max_model_len or the whole KV cache).
         """
         text, ids = self._tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is "
+                             f"{self.max_model_len}, which must leave room for one new token")
         max_tokens = params.max_tokens or (self.max_model_len - len(ids))
         total = len(ids) + max_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt ({len(ids)} tokens) + max_tokens ({max_tokens}) = {total} "
                              f"exceeds max_model_len ({self.max_model_len})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this engine was started with "
+                             "skip_tokenizer_init=True (use stop_token_ids)")
         if self.block_manager.blocks_for(total) > self.num_blocks:
             raise ValueError(f"a sequence of {total} tokens needs "
                              f"{self.block_manager.blocks_for(total)} KV blocks; the cache has "
@@ -163,16 +182,18 @@ class LLMEngine:
         if not ids:
             raise ValueError("prompt is empty: at least one token is needed")
         for i, t in enumerate(ids):
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+            if isinstance(t, (bool, np.bool_)) or not isinstance(t, numbers.Integral) \
+                    or not 0 <= t < vocab:
                 raise ValueError(f"prompt token {i} is {t!r}; token ids must be integers "
                                  f"in [0, {vocab})")
-        return text, ids
+        return text, [int(t) for t in ids]
 
     def _new_sequence(self, request_id, index, ids, params) -> Sequence:
         if params.seed is None:
             state = int.from_bytes(os.urandom(8), "little")
-        else:  # the i-th of n completions gets its own stream from the same seed
-            state = (params.seed * 0x9E3779B97F4A7C15 + index) & ((1 << 64) - 1)
+        else:  # the i-th of n completions gets its own stream from the same seed; mixing
+            # keeps seeds s and s + 1 from being shifted copies of one SplitMix64 stream
+            state = _mix64(_mix64(params.seed & _MASK64) ^ index)
         detok = (IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
                  if self.tokenizer else None)
         return Sequence(next(self._seq_ids), request_id, index, ids, params, state, detok)
@@ -266,7 +287,12 @@ class LLMEngine:
         elif seq.num_output_tokens >= max_tokens or seq.num_tokens >= self.max_model_len:
             seq.finish("length")
         if seq.is_finished and seq.detokenizer is not None:
-            seq.text += seq.detokenizer.flush()  # text held back inside a character
+            flushed = seq.detokenizer.flush()  # text held back inside a character
+            if flushed:
+                before = len(seq.text)
+                seq.text += flushed
+                if params.stop:
+                    self._check_stop_strings(seq, before)
 
     def _check_stop_strings(self, seq: Sequence, previous: int) -> bool:
         """Finish seq if its text now holds a stop string; the text is cut before it."""
@@ -290,10 +316,10 @@ class LLMEngine:
                 text = text[:max(0, len(text) - max(len(s) for s in request.params.stop) + 1)]
             outs.append(CompletionOutput(
                 seq.index, text, seq.output_token_ids, seq.finish_reason, seq.stop_reason,
-                seq.logprobs if request.params.logprobs is not None else None,
+                list(seq.logprobs) if request.params.logprobs is not None else None,
                 seq.cumulative_logprob if request.params.logprobs is not None else None))
         prompt_lps = None
         if request.params.prompt_logprobs is not None:
-            prompt_lps = [None] + request.seqs[0].prompt_logprobs
+            prompt_lps = [None] + list(request.seqs[0].prompt_logprobs)
         return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, outs,
                              prompt_lps)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+_FLOAT32_MAX = 3.4028234663852886e38
+
 
 @dataclass
 class SamplingParams:
@@ -64,7 +66,8 @@ class SamplingParams:
         if self.top_k == -1:
             self.top_k = 0
         self._check_int("n", self.n, minimum=1)
-        self._check_number("temperature", self.temperature, 0.0, None)
+        # finite, and representable as the float32 the sampler takes
+        self._check_number("temperature", self.temperature, 0.0, _FLOAT32_MAX)
         self._check_number("top_p", self.top_p, 0.0, 1.0, low_open=True)
         self._check_int("top_k", self.top_k, minimum=0)
         self._check_number("min_p", self.min_p, 0.0, 1.0)

@@ -35,6 +35,9 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"config: num_attention_heads ({self.num_heads}) must be a multiple "
                              f"of num_key_value_heads ({self.num_kv_heads})")
+        if self.mlp_bias:
+            raise ValueError("config: mlp_bias=true is not supported yet (the MLP projections "
+                             "would silently lose their biases)")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"config: rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
 
