@@ -91,6 +91,12 @@ class Request:
 
 
 class LLMEngine:
+    """The synchronous engine: owns the model, tokenizer, KV cache, scheduler and runner.
+
+    Not thread-safe: one thread calls add_request / step / abort_request (AsyncLLM runs
+    it on a thread of its own).
+    """
+
     def __init__(self, config: EngineConfig):
         self.config = config
         path = resolve_model_path(config.model)

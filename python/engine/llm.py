@@ -61,8 +61,16 @@ class LLM:
 
     def chat(self, messages, sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
-        """Generate replies to a conversation (a list of {"role", "content"} dicts) or a list
-        of conversations, through the model's chat template."""
+        """Generate replies through the model's chat template (with add_generation_prompt).
+
+        Args:
+            messages: one conversation (a list of {"role", "content"} dicts) or a list of them.
+            sampling_params: one SamplingParams for all conversations.
+            use_tqdm: show a progress bar when more than one conversation is given.
+
+        Returns:
+            One RequestOutput per conversation, in input order.
+        """
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
         prompts = []
@@ -74,7 +82,16 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the text of one completion piece by piece as it is generated."""
+        """Yield the text of one completion piece by piece as it is generated.
+
+        Args:
+            prompt: a string or {"prompt_token_ids": [...]}.
+            sampling_params: as for generate (n is taken as 1 for the text yielded).
+
+        Returns:
+            An iterator of text deltas. Consume it before the next call on this LLM: for
+            concurrent streams use engine.async_llm.AsyncLLM.
+        """
         rid = str(next(self._ids))
         self.engine.add_request(rid, prompt, sampling_params or SamplingParams())
         sent = 0

@@ -15,6 +15,8 @@ from engine.sampler import prompt_logprobs
 
 
 class ModelRunner:
+    """Owns the KV caches and the workspace; runs one step's batch through model and sampler."""
+
     def __init__(self, model, sampler, num_blocks: int, block_size: int,
                  max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
                  workspace_cls):

@@ -31,6 +31,8 @@ class SchedulerOutput:
 
 
 class Scheduler:
+    """Waiting and running sequences, and the policy above; pure Python over Sequences."""
+
     def __init__(self, block_manager: BlockManager, max_num_batched_tokens: int,
                  max_num_seqs: int):
         self.block_manager = block_manager

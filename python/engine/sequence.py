@@ -14,6 +14,8 @@ class SequenceStatus(enum.Enum):
 
 
 class Sequence:
+    """One completion: prompt and output tokens, KV blocks, generator state, text so far."""
+
     def __init__(self, seq_id: int, request_id: str, index: int, prompt_token_ids: list[int],
                  params: SamplingParams, rng_state: int, detokenizer):
         self.seq_id = seq_id
