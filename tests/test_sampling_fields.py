@@ -51,19 +51,10 @@ def tokens(llm, prompt, params):
 
 
 def test_temperature_zero_is_argmax_of_the_logits_and_ignores_the_seed(llm, france_greedy):
-    recorded = []
-    forward = llm.engine.runner.model.forward
+    from model.test_llama_parity import record_logits
 
-    def recording_forward(batch, caches, ws):
-        logits = forward(batch, caches, ws)
-        recorded.append(logits[-1].copy())
-        return logits
-
-    llm.engine.runner.model.forward = recording_forward
-    try:
+    with record_logits(llm) as recorded:
         out = tokens(llm, FRANCE_PROMPT, greedy(max_tokens=8, ignore_eos=True, seed=99))
-    finally:
-        del llm.engine.runner.model.forward
     assert out == france_greedy.token_ids
     assert out == [int(np.argmax(row)) for row in recorded]
 

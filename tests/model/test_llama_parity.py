@@ -6,6 +6,8 @@ last position, then 31 decode steps) must match transformers' logits for the sam
 tokens to 1e-3 x max|logit|, and the greedy tokens must be identical.
 """
 
+import contextlib
+
 import numpy as np
 import pytest
 
@@ -51,20 +53,31 @@ def make_model(kind, path, dtype=torch.float32):
     return model
 
 
-def engine_run(path, prompt, **engine_kwargs):
-    """Greedy tokens and each step's logits from engine."""
-    llm = LLM(str(path), skip_tokenizer_init=True, **engine_kwargs)
+@contextlib.contextmanager
+def record_logits(llm):
+    """Collects a copy of the last sequence's logits row from every forward while active."""
     recorded = []
-    forward = llm.engine.runner.model.forward
+    model = llm.engine.runner.model
+    forward = model.forward
 
     def recording_forward(batch, caches, ws):
         logits = forward(batch, caches, ws)
         recorded.append(logits[-1].copy())
         return logits
 
-    llm.engine.runner.model.forward = recording_forward
+    model.forward = recording_forward
+    try:
+        yield recorded
+    finally:
+        del model.forward
+
+
+def engine_run(path, prompt, **engine_kwargs):
+    """Greedy tokens and each step's logits from engine."""
+    llm = LLM(str(path), skip_tokenizer_init=True, **engine_kwargs)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    out = llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0]
+    with record_logits(llm) as recorded:
+        out = llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0]
     return out.token_ids, np.stack(recorded)
 
 
