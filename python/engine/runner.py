@@ -19,15 +19,26 @@ class ModelRunner:
 
     def __init__(self, model, sampler, num_blocks: int, block_size: int,
                  max_num_batched_tokens: int, max_num_seqs: int, max_model_len: int,
-                 workspace_cls):
+                 workspace_cls, kv_cache_dtype=np.float32, use_cuda_graphs: bool = True):
         c = model.config
         self.model = model
         self.sampler = sampler
         self.block_size = block_size
+        self.device = getattr(model, "device", "cpu")
         self.max_blocks_per_seq = -(-max_model_len // block_size)
-        self.kv_caches = [KVCache.allocate(num_blocks, block_size, c.num_kv_heads, c.head_dim)
+        # On the GPU one more block, owned by no sequence, takes the padded rows of graphs.
+        num_cache_blocks = num_blocks + (self.device == "cuda")
+        self.kv_caches = [KVCache.allocate(num_cache_blocks, block_size, c.num_kv_heads,
+                                           c.head_dim, kv_cache_dtype, self.device)
                           for _ in range(c.num_layers)]
-        self.workspace = workspace_cls(c, max_num_batched_tokens, max_num_seqs)
+        self.workspace = workspace_cls(c, max_num_batched_tokens, max_num_seqs, self.device)
+        self.cuda_steps = None
+        if self.device == "cuda":
+            from engine.cuda_steps import CudaSteps
+
+            self.cuda_steps = CudaSteps(model, self.kv_caches, self.workspace, num_blocks,
+                                        block_size, max_num_batched_tokens, max_num_seqs,
+                                        self.max_blocks_per_seq, use_cuda_graphs)
 
     def execute(self, scheduled: list[tuple[object, int]], copies: list[tuple[int, int]] = ()):
         """Run one step over [(sequence, num_new_tokens), ...] after copying KV blocks.
@@ -39,10 +50,15 @@ class ModelRunner:
         if copies:
             src = np.array([c[0] for c in copies], np.int32)
             dst = np.array([c[1] for c in copies], np.int32)
+            if self.device == "cuda":
+                src, dst = ops.to_device(src), ops.to_device(dst)
             for cache in self.kv_caches:
                 ops.kv_cache_copy(cache.k, cache.v, src, dst)
         batch = self.build_batch(scheduled)
-        logits = self.model.forward(batch, self.kv_caches, self.workspace)
+        if self.cuda_steps is not None:
+            logits = self.cuda_steps.forward(batch)
+        else:
+            logits = self.model.forward(batch, self.kv_caches, self.workspace)
         seqs = [seq for seq, _ in scheduled]
         for i, (seq, n) in enumerate(scheduled):
             if seq.params.prompt_logprobs is not None:
@@ -61,8 +77,8 @@ class ModelRunner:
         for p0 in range(begin, end, rows_per_pass):
             p1 = min(end, p0 + rows_per_pass)
             rows = np.arange(row0 + p0 - first, row0 + p1 - first)
-            logits = self.model.logits_for_rows(self.workspace, rows,
-                                                np.empty((len(rows), vocab), np.float32))
+            out = ops.empty((len(rows), vocab), np.float32, self.device)
+            logits = ops.to_host(self.model.logits_for_rows(self.workspace, rows, out))
             next_ids = np.asarray(seq.token_ids[p0 + 1:p1 + 1], np.int32)
             for lp in prompt_logprobs(logits, next_ids, k):
                 seq.prompt_logprobs.append({lp.token_id: lp.logprob, **dict(lp.top)})

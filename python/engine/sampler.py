@@ -61,13 +61,20 @@ class Sampler:
     output tokens than min_tokens; as in vLLM, EOS is not banned when ignore_eos is set
     (it cannot end the sequence then). Stopping itself is the engine's job.
 
+    On the GPU, logits stay there: the per-row settings and lists are copied in, the
+    kernels run there, and only token ids and generator states come back (and, for rows
+    that ask for logprobs, those rows, which are scored on the CPU).
+
     Args:
         eos_token_ids: the model's end-of-sequence ids.
+        device: where the logits live, "cpu" or "cuda".
     """
 
-    def __init__(self, eos_token_ids: set[int] | list[int]):
+    def __init__(self, eos_token_ids: set[int] | list[int], device: str = "cpu"):
         self.eos_token_ids = sorted(set(eos_token_ids))
+        self.device = device
         self._buffers: dict[str, np.ndarray] = {}
+        self._device_buffers: dict[str, object] = {}
 
     def __call__(self, logits: np.ndarray, seqs: list, is_sampled: list[bool] | None = None
                  ) -> SamplerOutput:
@@ -111,6 +118,10 @@ class Sampler:
         change logits in place, or when only some rows are wanted)."""
         if not rows:
             return None
+        if self.device == "cuda":  # scored on the CPU: bring just these rows back
+            out = self._device_buf("raw", (len(rows), logits.shape[1]), np.float32)
+            ops.embedding(self._put("raw_rows", np.asarray(rows, np.int32)), logits, out=out)
+            return ops.to_host(out)
         if not copy and len(rows) == logits.shape[0]:
             return logits
         out = self._buf("raw", (len(rows), logits.shape[1]), np.float32)
@@ -152,10 +163,14 @@ class Sampler:
             output.append(seq.output_token_ids if i in rows and p.has_penalties else ())
             bias_ids.append(bias.keys())
             bias_values.append(bias.values())
-        ids, offsets = _csr(bias_ids, np.int32)
-        ops.apply_penalties(logits, *_csr(prompt, np.int32), *_csr(output, np.int32),
-                            presence, frequency, repetition, ids,
-                            _csr(bias_values, np.float32)[0], offsets)
+        arrays = (*_csr(prompt, np.int32), *_csr(output, np.int32), presence, frequency,
+                  repetition, *_csr(bias_ids, np.int32), _csr(bias_values, np.float32)[0])
+        names = ("prompt", "prompt_offsets", "output", "output_offsets", "presence",
+                 "frequency", "repetition", "bias_ids", "bias_offsets", "bias_values")
+        a = dict(zip(names, (self._put(n, x) for n, x in zip(names, arrays))))
+        ops.apply_penalties(logits, a["prompt"], a["prompt_offsets"], a["output"],
+                            a["output_offsets"], a["presence"], a["frequency"], a["repetition"],
+                            a["bias_ids"], a["bias_values"], a["bias_offsets"])
 
     # ---- the draw -----------------------------------------------------------------
 
@@ -167,7 +182,15 @@ class Sampler:
         min_p = self._fill("min_p", [p.min_p for p in params], np.float32)
         rng_state = self._fill("rng_state", [seq.rng_state for seq in seqs], np.uint64)
         out = self._buf("token_ids", (num_seqs,), np.int32)
-        ops.sample(logits, temperature, top_k, top_p, min_p, rng_state, out=out)
+        if self.device == "cuda":
+            rng = self._put("rng_state", rng_state)
+            out_dev = self._device_buf("token_ids", (num_seqs,), np.int32)
+            ops.sample(logits, self._put("temperature", temperature), self._put("top_k", top_k),
+                       self._put("top_p", top_p), self._put("min_p", min_p), rng, out=out_dev)
+            out[:] = ops.to_host(out_dev)
+            rng_state[:] = ops.to_host(rng)
+        else:
+            ops.sample(logits, temperature, top_k, top_p, min_p, rng_state, out=out)
         for seq, state, keep in zip(seqs, rng_state.tolist(), is_sampled):
             if keep:  # a prompt chunk that is not the last must not advance its generator
                 seq.rng_state = state
@@ -182,6 +205,22 @@ class Sampler:
         if buf is None or buf.size < size or buf.dtype != dtype:
             buf = self._buffers[name] = np.empty(max(size, 1), dtype)
         return buf[:size].reshape(shape)
+
+    def _device_buf(self, name: str, shape: tuple[int, ...], dtype):
+        """A contiguous [shape] view of a named GPU buffer that only ever grows."""
+        size = int(np.prod(shape))
+        buf = self._device_buffers.get(name)
+        if buf is None or buf.size < size:
+            buf = self._device_buffers[name] = ops.empty(max(size, 1), dtype, "cuda")
+        return buf[:size].reshape(shape)
+
+    def _put(self, name: str, array: np.ndarray):
+        """array itself on the CPU; on the GPU, a copy in the named device buffer."""
+        if self.device != "cuda":
+            return array
+        out = self._device_buf(name, array.shape, array.dtype)
+        out.copy_from(np.ascontiguousarray(array))
+        return out
 
     def _fill(self, name: str, values: list, dtype) -> np.ndarray:
         out = self._buf(name, (len(values),), dtype)

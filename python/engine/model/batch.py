@@ -33,6 +33,10 @@ class KVCache:
     v: np.ndarray
 
     @classmethod
-    def allocate(cls, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int):
+    def allocate(cls, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
+                 dtype=np.float32, device: str = "cpu"):
+        """Zeroed K and V caches; float32 on the CPU, float32 or bfloat16 on the GPU."""
+        from engine import ops
+
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
-        return cls(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+        return cls(ops.zeros(shape, dtype, device), ops.zeros(shape, dtype, device))

@@ -34,29 +34,36 @@ class LlamaLayer:
 class Workspace:
     """Activation buffers sized once for max_num_tokens / max_num_seqs; steps take views."""
 
-    def __init__(self, config: ModelConfig, max_num_tokens: int, max_num_seqs: int):
+    def __init__(self, config: ModelConfig, max_num_tokens: int, max_num_seqs: int,
+                 device: str = "cpu"):
         c = config
-        f32 = np.float32
-        self.hidden = np.empty((max_num_tokens, c.hidden_size), f32)     # [T, hidden]
-        self.residual = np.empty((max_num_tokens, c.hidden_size), f32)   # [T, hidden]
-        self.qkv = np.empty((max_num_tokens, c.q_size + 2 * c.kv_size), f32)
-        self.attn = np.empty((max_num_tokens, c.q_size), f32)            # [T, heads * head_dim]
-        self.gate_up = np.empty((max_num_tokens, 2 * c.intermediate_size), f32)
-        self.act = np.empty((max_num_tokens, c.intermediate_size), f32)
-        self.last_hidden = np.empty((max_num_seqs, c.hidden_size), f32)  # [S, hidden]
-        self.logits = np.empty((max_num_seqs, c.vocab_size), f32)        # [S, vocab]
+
+        def empty(rows, cols):
+            return ops.empty((rows, cols), np.float32, device)
+
+        self.hidden = empty(max_num_tokens, c.hidden_size)     # [T, hidden]
+        self.residual = empty(max_num_tokens, c.hidden_size)   # [T, hidden]
+        self.qkv = empty(max_num_tokens, c.q_size + 2 * c.kv_size)
+        self.attn = empty(max_num_tokens, c.q_size)            # [T, heads * head_dim]
+        self.gate_up = empty(max_num_tokens, 2 * c.intermediate_size)
+        self.act = empty(max_num_tokens, c.intermediate_size)
+        self.last_hidden = empty(max_num_seqs, c.hidden_size)  # [S, hidden]
+        self.logits = empty(max_num_seqs, c.vocab_size)        # [S, vocab]
         self.max_num_tokens = max_num_tokens
         self.max_num_seqs = max_num_seqs
+        self.device = device
 
 
 class LlamaForCausalLM:
     def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], source: str,
-                 max_position: int | None = None):
+                 max_position: int | None = None, device: str = "cpu"):
         """Args:
             config: the model's shape.
             weights: Hugging Face tensor names -> arrays (f32/f16/bf16, zero-copy where possible).
             source: the file or folder the weights came from, for error messages.
             max_position: positions the RoPE table covers (default: the config's maximum).
+            device: "cpu" (numpy views of the files) or "cuda" (copies in GPU memory,
+                same dtypes).
         """
         self.config = c = config
         hidden, q, kv, inter = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
@@ -99,6 +106,27 @@ class LlamaForCausalLM:
         self.cos_sin = rope_cos_sin_cache(rotary_dim, max_position or c.max_position_embeddings,
                                           base, scaling)
         self.scale = c.head_dim ** -0.5
+        self.device = device
+        if device == "cuda":
+            self._to_device()
+
+    def _to_device(self) -> None:
+        """Copy every weight (and the RoPE table) to the GPU once, tied ones once."""
+        moved: dict[int, object] = {}
+
+        def move(a):
+            if a is None:
+                return None
+            if id(a) not in moved:
+                moved[id(a)] = ops.to_device(a)
+            return moved[id(a)]
+
+        self.embed, self.norm, self.lm_head = move(self.embed), move(self.norm), move(self.lm_head)
+        self.cos_sin = move(self.cos_sin)
+        for layer in self.layers:
+            for name in ("input_norm", "qkv", "qkv_bias", "o_proj", "post_norm", "gate_up",
+                         "down"):
+                setattr(layer, name, move(getattr(layer, name)))
 
     def forward(self, batch: ForwardBatch, kv_caches: list[KVCache], ws: Workspace) -> np.ndarray:
         """Run one step; returns logits [num_seqs, vocab] (a view into the workspace)."""
@@ -109,7 +137,7 @@ class LlamaForCausalLM:
         ops.embedding(batch.token_ids, self.embed, out=hidden)
         for i, layer in enumerate(self.layers):
             if i == 0:
-                residual[...] = hidden
+                ops.copy(hidden, out=residual)
                 ops.rms_norm(residual, layer.input_norm, c.rms_norm_eps, out=hidden)
             else:
                 ops.fused_add_rms_norm(hidden, residual, layer.input_norm, c.rms_norm_eps)
@@ -120,7 +148,7 @@ class LlamaForCausalLM:
             ops.matmul(ws.act[:n], layer.down, out=hidden)
         ops.fused_add_rms_norm(hidden, residual, self.norm, c.rms_norm_eps)
         last = ws.last_hidden[:s]
-        np.take(hidden, batch.logits_indices, axis=0, out=last)
+        ops.embedding(batch.logits_indices, hidden, out=last)  # gathers the rows
         return ops.matmul(last, self.lm_head, out=ws.logits[:s])
 
     def logits_for_rows(self, ws: Workspace, rows: np.ndarray, out: np.ndarray) -> np.ndarray:
@@ -129,9 +157,14 @@ class LlamaForCausalLM:
         Args:
             ws: the workspace the last forward ran in (its final hidden states).
             rows: int indices into that step's tokens.
-            out: float32 [len(rows), vocab].
+            out: float32 [len(rows), vocab] on the model's device.
         """
-        return ops.matmul(np.ascontiguousarray(ws.hidden[rows]), self.lm_head, out=out)
+        rows = np.ascontiguousarray(rows, dtype=np.int32)
+        hidden = ops.empty((len(rows), self.config.hidden_size), np.float32, self.device)
+        if self.device == "cuda":
+            rows = ops.to_device(rows)
+        ops.embedding(rows, ws.hidden, out=hidden)
+        return ops.matmul(hidden, self.lm_head, out=out)
 
     def _attention(self, layer: LlamaLayer, cache: KVCache, batch: ForwardBatch,
                    hidden, qkv, attn):

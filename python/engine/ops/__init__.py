@@ -4,8 +4,10 @@ This is the only module that imports the native extensions. Models call these
 functions and never know which backend runs them. Every op writes into the
 `out` array it is given (or in place, where documented) and returns it.
 
-numpy arrays run on `engine._C` (the CPU kernels). GPU arrays (a later
-backend) run on `engine._C_cuda` with the same names and signatures.
+numpy arrays run on `engine._C` (the CPU kernels). Device arrays
+(`engine._C_cuda.DeviceArray`, made by `to_device` / `empty(..., device="cuda")`)
+run on `engine._C_cuda` with the same names and signatures, queued on engine's
+CUDA stream; `to_host` and `synchronize` wait for it.
 """
 
 from __future__ import annotations
@@ -14,19 +16,106 @@ import numpy as np
 
 from engine import _C
 
+try:  # built wherever nvcc was found; imports without a driver and reports no device
+    from engine import _C_cuda
+except ImportError:  # pragma: no cover - a CPU-only build
+    _C_cuda = None
+_DeviceArray = getattr(_C_cuda, "DeviceArray", None)
+
 __all__ = [
-    "matmul", "rms_norm", "fused_add_rms_norm", "rope", "silu_and_mul", "embedding",
+    "gpu_available", "is_device_array", "to_device", "from_dlpack", "to_host", "empty", "zeros", "synchronize",
+    "copy", "matmul", "rms_norm", "fused_add_rms_norm", "rope", "silu_and_mul", "embedding",
     "kv_cache_write", "kv_cache_copy", "paged_attention", "sample", "apply_penalties", "log_softmax_topk",
     "isa", "best_isa", "set_isa", "available_isas",
+    "layer_norm", "gelu", "varlen_attention",
 ]
 
 
 def _backend(*arrays):
-    """The extension module that owns these arrays (numpy -> _C)."""
+    """The extension module that owns these arrays: numpy -> _C, DeviceArray -> _C_cuda.
+    Mixing the two in one call is a TypeError (copies are never implicit)."""
+    on_device = [is_device_array(a) for a in arrays if a is not None]
+    if any(on_device):
+        if not all(on_device):
+            raise TypeError("ops: arrays must all be on the GPU or all numpy; got a mix "
+                            "(move them with ops.to_device / ops.to_host)")
+        return _C_cuda
     for a in arrays:
         if a is not None and not isinstance(a, np.ndarray):
-            raise TypeError(f"ops: expected numpy arrays, got {type(a).__name__}")
+            raise TypeError(f"ops: expected numpy or device arrays, got {type(a).__name__}")
     return _C
+
+
+# ---- devices ------------------------------------------------------------------------
+
+def gpu_available() -> bool:
+    """True where engine._C_cuda was built and a CUDA device is visible."""
+    return _C_cuda is not None and _C_cuda.device_count() > 0
+
+
+def is_device_array(a) -> bool:
+    return _DeviceArray is not None and isinstance(a, _DeviceArray)
+
+
+def _require_gpu():
+    if _C_cuda is None:
+        raise RuntimeError("engine was built without CUDA (nvcc was not found at install time)")
+    if _C_cuda.device_count() == 0:
+        raise RuntimeError("no CUDA device is visible (no NVIDIA driver or GPU)")
+    return _C_cuda
+
+
+def to_device(array):
+    """A copy of a numpy array (f32/f16/bf16/int32/int64/uint8/uint64) on the GPU."""
+    if is_device_array(array):
+        return array
+    return _require_gpu().from_numpy(np.ascontiguousarray(array))
+
+
+def from_dlpack(tensor):
+    """A DeviceArray viewing another library's CUDA tensor (torch, CuPy); no copy.
+    Device arrays export the other way through __dlpack__ (torch.from_dlpack(a))."""
+    return _require_gpu().from_dlpack(tensor)
+
+
+def to_host(array) -> np.ndarray:
+    """A numpy copy of a device array (waits for queued work); numpy arrays pass through."""
+    return array.numpy() if is_device_array(array) else np.asarray(array)
+
+
+def empty(shape, dtype, device: str = "cpu"):
+    """An uninitialised array on "cpu" (numpy) or "cuda"."""
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(int(s) for s in shape)
+    if device == "cpu":
+        return np.empty(shape, dtype)
+    if device != "cuda":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    return _require_gpu().empty(list(shape), np.dtype(dtype))
+
+
+def zeros(shape, dtype, device: str = "cpu"):
+    """A zero-filled array on "cpu" or "cuda"."""
+    shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+    if device == "cpu":
+        return np.zeros(shape, dtype)
+    if device != "cuda":
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    return _require_gpu().zeros([int(s) for s in shape], np.dtype(dtype))
+
+
+def synchronize() -> None:
+    """Wait for the GPU work engine has queued (no-op without a GPU)."""
+    if gpu_available():
+        _C_cuda.synchronize()
+
+
+def copy(src, *, out):
+    """out[...] = src (same shape and dtype; rows contiguous on the GPU)."""
+    if is_device_array(src) or is_device_array(out):
+        _backend(src, out).copy(src, out)
+    else:
+        np.copyto(out, src)
+    return out
 
 
 def isa() -> str:
@@ -163,3 +252,60 @@ def log_softmax_topk(logits, token_ids, k: int, *, out_token_logprob, out_topk_i
              ).log_softmax_topk(logits, token_ids, k, out_token_logprob, out_topk_ids,
                                 out_topk_logprobs)
     return out_token_logprob, out_topk_ids, out_topk_logprobs
+
+
+def layer_norm(x, weight, bias, eps: float, *, out, residual=None):
+    """LayerNorm per row, of x + residual when a residual is given (post-norm blocks).
+
+    Args:
+        x: [num_tokens, hidden] float32 (rows contiguous, any row stride).
+        weight: [hidden] float32/float16/bfloat16.
+        bias: [hidden] like weight, or None.
+        eps: added to the variance.
+        out: [num_tokens, hidden] float32; may be x or residual itself.
+        residual: [num_tokens, hidden] float32 or None.
+    Returns:
+        out = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias, s = x (+ residual).
+    """
+    _backend(x, weight, bias, out, residual).layer_norm(
+        x, residual=residual, weight=weight, bias=bias, eps=eps, out=out)
+    return out
+
+
+def gelu(x, *, out, approximate: str = "none"):
+    """GELU elementwise, as torch.nn.functional.gelu.
+
+    Args:
+        x: [num_tokens, d] float32 (rows contiguous, any row stride).
+        out: [num_tokens, d] float32; may be x itself.
+        approximate: "none" for x / 2 * (1 + erf(x / sqrt(2))) (BERT's "gelu"), "tanh"
+            for the tanh approximation ("gelu_new", "gelu_pytorch_tanh").
+    Returns:
+        out.
+    """
+    if approximate not in ("none", "tanh"):
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    _backend(x, out).gelu(x, out, approximate == "tanh")
+    return out
+
+
+def varlen_attention(q, k, v, query_start_loc, scale: float, causal: bool, *, out):
+    """Attention within each sequence of a packed batch; no KV cache, no padding.
+
+    Sequence s owns tokens query_start_loc[s]:query_start_loc[s + 1] of q, k and v; each
+    token attends to every token of its sequence (causal=False, encoders) or to those at
+    or before it (causal=True). Query head h reads KV head h // (num_heads // num_kv_heads).
+
+    Args:
+        q: [num_tokens, num_heads, head_dim] float32 (any token and head stride).
+        k, v: [num_tokens, num_kv_heads, head_dim] float32 (any token and head stride).
+        query_start_loc: [num_seqs + 1] int32, 0 first, non-decreasing, num_tokens last.
+        scale: multiplies q . k (usually head_dim ** -0.5).
+        causal: mask the tokens after each query token.
+        out: [num_tokens, num_heads, head_dim] float32, not overlapping q, k or v.
+    Returns:
+        out.
+    """
+    _backend(q, k, v, query_start_loc, out).varlen_attention(
+        q, k, v, query_start_loc, scale, causal, out)
+    return out

@@ -1,0 +1,49 @@
+// Device-wide pieces every op uses: error checks, the engine's stream, capture state.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cuda_ops.h"
+#include "device.h"
+
+namespace engine_cuda {
+
+void check_cuda(cudaError_t err, const char* op, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(op) + ": " + what + ": " + cudaGetErrorString(err));
+}
+
+void check_launch(const char* op) { check_cuda(cudaGetLastError(), op, "kernel launch"); }
+
+bool is_capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(stream, &status), "is_capturing", "cudaStreamIsCapturing");
+  return status != cudaStreamCaptureStatusNone;
+}
+
+int device_count() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) {
+    cudaGetLastError();  // clear the error: no driver or no device means zero
+    return 0;
+  }
+  return n;
+}
+
+cudaStream_t engine_stream() {
+  // Non-blocking: it never waits on the legacy default stream, and it can be captured.
+  static cudaStream_t stream = [] {
+    if (device_count() == 0) throw std::runtime_error("engine: no CUDA device is available");
+    cudaStream_t s = nullptr;
+    check_cuda(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "engine", "cudaStreamCreate");
+    return s;
+  }();
+  return stream;
+}
+
+void synchronize() {
+  check_cuda(cudaStreamSynchronize(engine_stream()), "synchronize", "cudaStreamSynchronize");
+}
+
+}  // namespace engine_cuda

@@ -1,0 +1,244 @@
+// matmul on the GPU: out = x @ w^T (+ bias). The launcher validates and picks a kernel
+// from the shapes and dtypes (and 16-byte alignment of x and w):
+//   f16/bf16 w, num_tokens <= kGemvMaxTokens  -> launch_gemv (matmul_gemv.cu), f32 math
+//   f16/bf16 w, more tokens                   -> launch_mma  (matmul_mma.cu), x rounded to w's dtype
+//   f32 w, or K % 8 != 0, or unaligned rows   -> tiled_kernel here (x rounded the same way
+//                                                when the tensor-core path would round it)
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "cuda_ops.h"
+#include "engine/check.h"
+#include "matmul.cuh"
+
+namespace engine_cuda {
+
+using engine::check;
+using engine::DType;
+
+namespace matmul_detail {
+namespace {
+
+// ---- tiled kernel: any dtype, any sizes and strides ------------------------------------
+
+constexpr int kTile = 64;   // outputs per CTA along M and along N
+constexpr int kTileK = 16;  // K per step
+constexpr int kTiledThreads = 256;  // 16 x 16, each 4 x 4 outputs
+
+__device__ __forceinline__ float to_f32(float v) { return v; }
+__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// x rounded to W's precision (the tensor-core kernel's numerics).
+__device__ __forceinline__ float round_to(float v, __half) { return __half2float(__float2half_rn(v)); }
+__device__ __forceinline__ float round_to(float v, __nv_bfloat16) {
+  return __bfloat162float(__float2bfloat16_rn(v));
+}
+__device__ __forceinline__ float round_to(float v, float) { return v; }
+
+template <typename W, bool kRoundX>
+__global__ void __launch_bounds__(kTiledThreads)
+tiled_kernel(const float* __restrict__ x,     // [M, K], row stride x_stride
+             int64_t x_stride,
+             const W* __restrict__ w,         // [N, K] contiguous
+             const float* __restrict__ bias,  // [N] or nullptr
+             float* __restrict__ out,         // [M, N], row stride out_stride
+             int64_t out_stride, int64_t M, int64_t N, int64_t K) {
+  __shared__ float s_x[kTileK][kTile + 1];  // [k][token]
+  __shared__ float s_w[kTileK][kTile + 1];  // [k][feature]
+  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTile;
+
+  float acc[4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[i][j] = 0.0f;
+
+  for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+#pragma unroll
+    for (int i = 0; i < kTile * kTileK / kTiledThreads; ++i) {
+      const int c = threadIdx.x + i * kTiledThreads;
+      const int r = c / kTileK, kk = c % kTileK;  // consecutive threads walk along K
+      const int64_t k = k0 + kk;
+      float xv = 0.0f, wv = 0.0f;
+      if (m0 + r < M && k < K) xv = x[(m0 + r) * x_stride + k];
+      if (n0 + r < N && k < K) wv = to_f32(w[(n0 + r) * K + k]);
+      s_x[kk][r] = kRoundX ? round_to(xv, W()) : xv;
+      s_w[kk][r] = wv;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kTileK; ++kk) {
+      float a[4], b[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) a[i] = s_x[kk][ty + 16 * i];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) b[j] = s_w[kk][tx + 16 * j];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
+      if (m < M && n < N) out[m * out_stride + n] = acc[i][j] + (bias != nullptr ? bias[n] : 0.0f);
+    }
+}
+
+template <typename W, bool kRoundX>
+void launch_tiled_for(const MatmulArgs& a, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((a.out_features + kTile - 1) / kTile),
+                  static_cast<unsigned>((a.num_tokens + kTile - 1) / kTile));
+  tiled_kernel<W, kRoundX><<<grid, kTiledThreads, 0, stream>>>(
+      a.x, a.x_stride, static_cast<const W*>(a.w), a.bias, a.out, a.out_stride, a.num_tokens,
+      a.out_features, a.in_features);
+}
+
+void launch_tiled(const MatmulArgs& a, cudaStream_t stream) {
+  const bool round_x = a.num_tokens > kGemvMaxTokens;
+  switch (a.w_dtype) {
+    case DType::f16:
+      return round_x ? launch_tiled_for<__half, true>(a, stream)
+                     : launch_tiled_for<__half, false>(a, stream);
+    case DType::bf16:
+      return round_x ? launch_tiled_for<__nv_bfloat16, true>(a, stream)
+                     : launch_tiled_for<__nv_bfloat16, false>(a, stream);
+    default:
+      return launch_tiled_for<float, false>(a, stream);
+  }
+}
+
+// ---- bias fill: the start of a split-K sum, and the whole result when K == 0 -----------
+
+__global__ void fill_bias_kernel(const float* __restrict__ bias,  // [N] or nullptr
+                                 float* __restrict__ out,         // [M, N], row stride out_stride
+                                 int64_t out_stride, int64_t M, int64_t N) {
+  const int64_t total = M * N;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t m = i / N, n = i % N;
+    out[m * out_stride + n] = bias != nullptr ? bias[n] : 0.0f;
+  }
+}
+
+}  // namespace
+
+void launch_fill_bias(const MatmulArgs& a, cudaStream_t stream) {
+  const int64_t total = a.num_tokens * a.out_features;
+  const int64_t blocks = std::min<int64_t>((total + 255) / 256, 4096);
+  fill_bias_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+      a.bias, a.out, a.out_stride, a.num_tokens, a.out_features);
+}
+
+}  // namespace matmul_detail
+
+// ---- launcher --------------------------------------------------------------------------
+
+namespace {
+
+constexpr const char* kOp = "matmul";
+
+// The bytes [begin, end) that a 2-D view can touch; empty if it has no elements.
+struct ByteSpan {
+  const char* begin;
+  const char* end;
+};
+
+ByteSpan span_of(const TensorView& t) {
+  const char* p = static_cast<const char*>(t.data);
+  if (t.numel() == 0) return {p, p};
+  int64_t last = 0;
+  for (int i = 0; i < t.ndim; ++i) last += (t.shape[i] - 1) * t.strides[i];
+  return {p, p + (last + 1) * engine::dtype_size(t.dtype)};
+}
+
+bool overlaps(const TensorView& a, const TensorView& b) {
+  ByteSpan sa = span_of(a), sb = span_of(b);
+  return sa.begin < sb.end && sb.begin < sa.end;
+}
+
+void validate(const TensorView& x, const TensorView& w, const TensorView& bias,
+              const TensorView& out) {
+  check(x.dtype == DType::f32 && x.ndim == 2, kOp,
+        "x must be float32 [num_tokens, in_features], got " + x.describe());
+  engine::check_row_contiguous(x, kOp, "x");
+  const int64_t num_tokens = x.shape[0], in_features = x.shape[1];
+  const std::string k_str = std::to_string(in_features);
+
+  const bool w_dtype_ok = w.dtype == DType::f32 || w.dtype == DType::f16 || w.dtype == DType::bf16;
+  check(w_dtype_ok && w.ndim == 2 && w.shape[1] == in_features, kOp,
+        "w must be float32 or float16 or bfloat16 [out_features, " + k_str + "], got " +
+            w.describe());
+  if (w.numel() > 0) engine::check_contiguous(w, kOp, "w");
+  const int64_t out_features = w.shape[0];
+  const std::string n_str = std::to_string(out_features);
+
+  if (engine::present(bias)) {
+    check(bias.dtype == DType::f32 && bias.ndim == 1 && bias.shape[0] == out_features, kOp,
+          "bias must be float32 [" + n_str + "], got " + bias.describe());
+    engine::check_contiguous(bias, kOp, "bias");
+  }
+
+  check(out.dtype == DType::f32 && out.ndim == 2 && out.shape[0] == num_tokens &&
+            out.shape[1] == out_features,
+        kOp,
+        "out must be float32 [" + std::to_string(num_tokens) + ", " + n_str + "], got " +
+            out.describe());
+  engine::check_row_contiguous(out, kOp, "out");
+  check(num_tokens <= 1 || out_features == 0 || out.strides[0] >= out_features, kOp,
+        "out rows overlap: row stride " + std::to_string(out.strides[0]) + " < " + n_str);
+  check(!overlaps(out, x), kOp, "out must not overlap x");
+  check(!overlaps(out, w), kOp, "out must not overlap w");
+  check(!engine::present(bias) || !overlaps(out, bias), kOp, "out must not overlap bias");
+}
+
+bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+void matmul(const TensorView& x, const TensorView& w, const TensorView& bias,
+            const TensorView& out, cudaStream_t stream) {
+  validate(x, w, bias, out);
+  using namespace matmul_detail;
+  MatmulArgs a;
+  a.x = x.ptr<const float>();
+  a.w = w.data;
+  a.bias = engine::present(bias) ? bias.ptr<const float>() : nullptr;
+  a.out = out.ptr<float>();
+  a.num_tokens = x.shape[0];
+  a.in_features = x.shape[1];
+  a.out_features = w.shape[0];
+  a.x_stride = a.num_tokens > 1 ? x.strides[0] : a.in_features;
+  a.out_stride = a.num_tokens > 1 ? out.strides[0] : a.out_features;
+  a.w_dtype = w.dtype;
+  if (a.num_tokens == 0 || a.out_features == 0) return;
+
+  if (a.in_features == 0) {
+    launch_fill_bias(a, stream);
+  } else {
+    // 16-byte vector loads of x rows and w rows (the x stride only matters past row 0).
+    const bool is_vector_ok = a.in_features % 8 == 0 && is_aligned16(a.w) && is_aligned16(a.x) &&
+                              (a.num_tokens == 1 || a.x_stride % 4 == 0);
+    if (w.dtype == DType::f32 || !is_vector_ok)
+      launch_tiled(a, stream);
+    else if (a.num_tokens <= kGemvMaxTokens)
+      launch_gemv(a, stream);
+    else
+      launch_mma(a, stream);
+  }
+  check_launch(kOp);
+}
+
+}  // namespace engine_cuda
