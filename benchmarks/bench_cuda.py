@@ -37,7 +37,8 @@ def make_model(path: str):
 
     config = transformers.LlamaConfig(**SHAPE, max_position_embeddings=2048, rms_norm_eps=1e-5,
                                       rope_theta=10000.0, tie_word_embeddings=False,
-                                      bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16")
+                                      bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16",
+                                      architectures=["LlamaForCausalLM"])
     config.save_pretrained(path)
     with torch.device("meta"):
         shapes = {k: tuple(v.shape) for k, v in

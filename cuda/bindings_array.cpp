@@ -96,7 +96,7 @@ DeviceArray getitem(const DeviceArray& a, py::object key) {
       ++dim;
     } else {
       throw py::type_error("DeviceArray indices must be ints, slices or ...; got " +
-                           std::string(py::str(item.get_type().attr("__name__"))));
+                           std::string(py::str(py::type::of(item).attr("__name__"))));
     }
   }
   for (; dim < nd; ++dim) {
@@ -121,9 +121,10 @@ py::array to_numpy(const DeviceArray& a) {
 }
 
 void copy_from_numpy(const DeviceArray& a, py::array src) {
-  if (engine_cuda::dtype_of(src, "copy_from", "src") != a.dtype)
-    throw py::value_error("copy_from: src must be " + std::string(engine::dtype_name(a.dtype)) +
-                          ", got " + std::string(py::str(src.dtype().attr("name"))));
+  const std::string want = engine::dtype_name(a.dtype);
+  const std::string got = py::str(src.dtype().attr("name"));
+  if (got != want)
+    throw py::value_error("copy_from: src must be " + want + " like the array, got " + got);
   std::vector<int64_t> shape(src.shape(), src.shape() + src.ndim());
   if (shape != a.shape)
     throw py::value_error("copy_from: src must have the array's shape " +

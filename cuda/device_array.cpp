@@ -169,16 +169,28 @@ struct Layout2d {
 Layout2d layout_2d(const DeviceArray& a, const char* op) {
   const int64_t item = engine::dtype_size(a.dtype);
   if (a.is_contiguous()) return {1, a.nbytes(), a.nbytes()};
-  const size_t nd = a.shape.size();
-  if (a.strides[nd - 1] != 1 && a.shape[nd - 1] != 1)
-    throw std::invalid_argument(std::string(op) + ": the last dimension must be contiguous");
-  // leading dims must collapse: stride[i] == stride[i+1] * shape[i+1] for i < nd-2
-  for (size_t i = 0; i + 2 < nd; ++i)
-    if (a.shape[i] != 1 && a.strides[i] != a.strides[i + 1] * a.shape[i + 1])
-      throw std::invalid_argument(std::string(op) + ": the array's rows are not equally spaced");
-  int64_t rows = 1;
-  for (size_t i = 0; i + 1 < nd; ++i) rows *= a.shape[i];
-  return {rows, a.shape[nd - 1] * item, a.strides[nd - 2] * item};
+  // The contiguous inner block: trailing dims whose strides follow row-major order.
+  const int nd = static_cast<int>(a.shape.size());
+  int64_t inner = 1;
+  int i = nd - 1;
+  for (; i >= 0 && (a.shape[i] == 1 || a.strides[i] == inner); --i) inner *= a.shape[i];
+  // The outer dims must collapse into equally spaced rows of that block.
+  int64_t rows = 1, pitch = 0, expected = 0;
+  for (; i >= 0; --i) {
+    if (a.shape[i] == 1) continue;
+    if (pitch == 0) {
+      pitch = a.strides[i];
+    } else if (a.strides[i] != expected) {
+      throw std::invalid_argument(std::string(op) +
+                                  ": the array's rows are not equally spaced (copy it first)");
+    }
+    rows *= a.shape[i];
+    expected = a.strides[i] * a.shape[i];
+  }
+  if (pitch == 0) pitch = inner;
+  if (pitch < inner)
+    throw std::invalid_argument(std::string(op) + ": the array's rows overlap");
+  return {rows, inner * item, pitch * item};
 }
 
 }  // namespace
