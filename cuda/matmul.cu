@@ -1,14 +1,23 @@
 // matmul on the GPU: out = x @ w^T (+ bias). The launcher validates and picks a kernel
 // from the shapes and dtypes (and 16-byte alignment of x and w):
 //   f16/bf16 w, num_tokens <= kGemvMaxTokens  -> launch_gemv (matmul_gemv.cu), f32 math
-//   f16/bf16 w, more tokens                   -> launch_mma  (matmul_mma.cu), x rounded to w's dtype
+//   f16/bf16 w, up to kSkinnyMaxTokens        -> launch_skinny (matmul_skinny.cu), x rounded
+//                                                to w's dtype; ENGINE_CUDA_MATMUL_SKINNY=0
+//                                                (read at every call) sends these to:
+//   f16/bf16 w, more tokens                   -> launch_mma (matmul_mma.cu), x rounded
 //   f32 w, or K % 8 != 0, or unaligned rows   -> tiled_kernel here (x rounded the same way
 //                                                when the tensor-core path would round it)
+// The tensor-core paths may split K; their partial sums live in a grow-only scratch
+// buffer here and are added in a fixed order by split_reduce_kernel (deterministic).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <stdexcept>
 #include <string>
 
 #include "cuda_ops.h"
@@ -120,7 +129,7 @@ void launch_tiled(const MatmulArgs& a, cudaStream_t stream) {
   }
 }
 
-// ---- bias fill: the start of a split-K sum, and the whole result when K == 0 -----------
+// ---- bias fill (K == 0) and split-K reduce ---------------------------------------------
 
 __global__ void fill_bias_kernel(const float* __restrict__ bias,  // [N] or nullptr
                                  float* __restrict__ out,         // [M, N], row stride out_stride
@@ -133,6 +142,25 @@ __global__ void fill_bias_kernel(const float* __restrict__ bias,  // [N] or null
   }
 }
 
+// Column n = blockIdx.x * 256 + threadIdx.x; rows blockIdx.y, + gridDim.y, ...
+__global__ void __launch_bounds__(256)
+split_reduce_kernel(const float* __restrict__ partial,  // [splits, M, N] contiguous
+                    const float* __restrict__ bias,     // [N] or nullptr
+                    float* __restrict__ out,            // [M, N], row stride out_stride
+                    int64_t out_stride, int64_t M, int64_t N, int splits) {
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= N) return;
+  const int64_t plane = M * N;
+  const float b = bias != nullptr ? bias[n] : 0.0f;
+  for (int64_t m = blockIdx.y; m < M; m += gridDim.y) {
+    const float* p = partial + m * N + n;
+    float sum = p[0];
+#pragma unroll 4
+    for (int z = 1; z < splits; ++z) sum += p[z * plane];  // always slice 0, 1, 2, ...
+    out[m * out_stride + n] = sum + b;
+  }
+}
+
 }  // namespace
 
 void launch_fill_bias(const MatmulArgs& a, cudaStream_t stream) {
@@ -140,6 +168,29 @@ void launch_fill_bias(const MatmulArgs& a, cudaStream_t stream) {
   const int64_t blocks = std::min<int64_t>((total + 255) / 256, 4096);
   fill_bias_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
       a.bias, a.out, a.out_stride, a.num_tokens, a.out_features);
+}
+
+void launch_split_reduce(const MatmulArgs& a, const float* partial, int64_t splits,
+                         cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>((a.out_features + 255) / 256),
+                  static_cast<unsigned>(std::min<int64_t>(a.num_tokens, 65535)));
+  split_reduce_kernel<<<grid, 256, 0, stream>>>(partial, a.bias, a.out, a.out_stride,
+                                                a.num_tokens, a.out_features,
+                                                static_cast<int>(splits));
+}
+
+int sm_count() {
+  static const int count = [] {
+    int device = 0, n = 0;
+    if (cudaGetDevice(&device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        n <= 0) {
+      cudaGetLastError();
+      return 132;  // an H100 SXM
+    }
+    return n;
+  }();
+  return count;
 }
 
 }  // namespace matmul_detail
@@ -206,6 +257,52 @@ void validate(const TensorView& x, const TensorView& w, const TensorView& bias,
 
 bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// ENGINE_CUDA_MATMUL_SKINNY=0 sends decode batches to the mma kernel instead of the skinny
+// one: a switch for tests and for ruling the skinny kernel out when a result looks wrong.
+bool is_skinny_enabled() {
+  const char* v = std::getenv("ENGINE_CUDA_MATMUL_SKINNY");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
+enum class Path { tiled, gemv, skinny, mma };
+
+// Scratch bytes a path needs: 0, or a multiple-of-256-aligned region for the tensor cores.
+int64_t scratch_bytes(Path path, int64_t M, int64_t N, int64_t K) {
+  if (path == Path::skinny) return matmul_detail::skinny_scratch_bytes(M, N, K);
+  if (path == Path::mma) return matmul_detail::mma_scratch_bytes(M, N, K);
+  return 0;
+}
+
+// The split-K partials and rounded x: grow-only, sized outside graph capture; growing
+// while the stream is capturing is an error. An outgrown buffer is never freed: a graph
+// captured earlier still holds its address. When it must grow for a decode batch, it grows
+// to what every batch size up to kSkinnyMaxTokens needs with these weights, so capturing
+// the smaller batches after running any one of them never needs more.
+void* scratch(Path path, int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
+  using matmul_detail::kGemvMaxTokens;
+  using matmul_detail::kSkinnyMaxTokens;
+  const int64_t need = scratch_bytes(path, M, N, K);
+  if (need == 0) return nullptr;
+  static std::mutex mutex;
+  static void* buffer = nullptr;
+  static int64_t capacity = 0;  // bytes
+  std::lock_guard<std::mutex> lock(mutex);
+  if (need <= capacity) return buffer;
+  if (is_capturing(stream))
+    throw std::runtime_error(
+        "matmul: the split-K scratch must grow (to " + std::to_string(need) +
+        " bytes) while the stream is being captured; run the largest batch once before capture");
+  int64_t grown = std::max(need, capacity + capacity / 2);
+  if (M > kGemvMaxTokens && M <= kSkinnyMaxTokens)  // one path for all these M
+    for (int64_t m = kGemvMaxTokens + 1; m <= kSkinnyMaxTokens; ++m)
+      grown = std::max(grown, scratch_bytes(path, m, N, K));
+  void* fresh = nullptr;
+  check_cuda(cudaMalloc(&fresh, static_cast<size_t>(grown)), kOp, "cudaMalloc");
+  buffer = fresh;
+  capacity = grown;
+  return buffer;
+}
+
 }  // namespace
 
 void matmul(const TensorView& x, const TensorView& w, const TensorView& bias,
@@ -228,15 +325,25 @@ void matmul(const TensorView& x, const TensorView& w, const TensorView& bias,
   if (a.in_features == 0) {
     launch_fill_bias(a, stream);
   } else {
-    // 16-byte vector loads of x rows and w rows (the x stride only matters past row 0).
-    const bool is_vector_ok = a.in_features % 8 == 0 && is_aligned16(a.w) && is_aligned16(a.x) &&
+    // 16-byte vector loads of x rows and w rows (the x stride only matters past row 0);
+    // the tensor-core kernels keep K (rounded up to a tile) in an int.
+    const bool is_vector_ok = a.in_features % 8 == 0 && a.in_features < (int64_t{1} << 30) &&
+                              is_aligned16(a.w) && is_aligned16(a.x) &&
                               (a.num_tokens == 1 || a.x_stride % 4 == 0);
+    Path path = Path::mma;
     if (w.dtype == DType::f32 || !is_vector_ok)
-      launch_tiled(a, stream);
+      path = Path::tiled;
     else if (a.num_tokens <= kGemvMaxTokens)
-      launch_gemv(a, stream);
-    else
-      launch_mma(a, stream);
+      path = Path::gemv;
+    else if (a.num_tokens <= kSkinnyMaxTokens && is_skinny_enabled())
+      path = Path::skinny;
+    void* buffer = scratch(path, a.num_tokens, a.out_features, a.in_features, stream);
+    switch (path) {
+      case Path::tiled: launch_tiled(a, stream); break;
+      case Path::gemv: launch_gemv(a, stream); break;
+      case Path::skinny: launch_skinny(a, buffer, stream); break;
+      case Path::mma: launch_mma(a, buffer, stream); break;
+    }
   }
   check_launch(kOp);
 }

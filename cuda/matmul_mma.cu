@@ -1,27 +1,29 @@
-// matmul on tensor cores for f16/bf16 weights (num_tokens > kGemvMaxTokens):
+// matmul on tensor cores for f16/bf16 weights, many tokens:
 // mma.sync.m16n8k16 with f32 accumulators; x is rounded to w's dtype while it is staged
-// into shared memory, so out = round(x) @ w^T (+ bias) summed in f32.
+// into shared memory, so out = round(x) @ w^T (+ bias) summed in f32. Used above
+// kSkinnyMaxTokens (and for all num_tokens > kGemvMaxTokens with ENGINE_CUDA_MATMUL_SKINNY=0).
 //
 // CTA tile BM x BN x 32 of K, 256 threads = 8 warps as 2 (M) x 4 (N), each warp
 // (BM / 2) x (BN / 4): 64 x 128 up to 64 tokens, 128 x 256 when those tiles still make
-// a wave (>= 132 CTAs), else 128 x 128. w tiles arrive by cp.async (16 bytes, zero-filled past N/K) in a
-// kStages-deep ring; x tiles go global -> registers (f32) -> converted -> shared memory,
-// loaded one tile ahead so the loads overlap the math. Shared rows are padded by 16 bytes
-// (80-byte rows) so ldmatrix is conflict-free. CTAs are ordered in groups of 8 M-tiles so
-// a group's x and the w tiles it walks stay in L2. When the tile grid is too small to fill
-// the GPU (decode batches), K is split over gridDim.z and partial sums are atomically
-// added onto out, which launch_fill_bias has set to the bias first.
+// a wave (>= 132 CTAs), else 128 x 128. w tiles arrive by cp.async (16 bytes, zero-filled
+// past N/K) in a kStages-deep ring; x tiles go global -> registers (f32) -> converted ->
+// shared memory, loaded one tile ahead so the loads overlap the math. Shared rows are
+// padded by 16 bytes (80-byte rows) so ldmatrix is conflict-free. CTAs are ordered in
+// groups of 8 M-tiles so a group's x and the w tiles it walks stay in L2. When the tile
+// grid is too small to fill the GPU, K is split over gridDim.z: each slice writes its
+// partial tile to the scratch and launch_split_reduce adds the slices in a fixed order
+// (deterministic).
 //
-// Needs: in_features % 8 == 0, x rows and w 16-byte aligned (x_stride % 4 == 0).
+// Needs: in_features % 8 == 0 (< 2^30), x rows and w 16-byte aligned (x_stride % 4 == 0).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <algorithm>
 #include <cstdint>
-#include <type_traits>
 
 #include "cuda_ops.h"
 #include "matmul.cuh"
+#include "matmul_ptx.cuh"
 
 namespace engine_cuda {
 namespace matmul_detail {
@@ -38,64 +40,6 @@ constexpr int kMinTilesPerSplit = 4;
 constexpr int kMaxSplits = 16;
 constexpr bool kUseWideTile = true;  // 128 x 256 tiles for many tokens (false: 128 x 128)
 
-// ---- PTX wrappers --------------------------------------------------------------------
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16 bytes global -> shared; src_size 0 writes zeros and reads nothing.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_size) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)),
-               "l"(src), "r"(src_size)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p))
-               : "memory");
-}
-
-// d += a * b: a 16x16 (row), b 16x8 (col), d 16x8 f32.
-template <typename W>
-__device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4],
-                                         const uint32_t (&b)[2]) {
-  if constexpr (std::is_same_v<W, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-}
-
-// Two floats -> two 16-bit values in a word (a in the low half, round to nearest even).
-template <typename W>
-__device__ __forceinline__ uint32_t pack2(float a, float b) {
-  if constexpr (std::is_same_v<W, __nv_bfloat16>) {
-    __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  } else {
-    __half2 h = __floats2half2_rn(a, b);
-    return *reinterpret_cast<uint32_t*>(&h);
-  }
-}
-
 // ---- kernel --------------------------------------------------------------------------
 
 // The CTA tile is BM x BN with BN = 4 * WN: warps 2 (M) x 4 (N), each (BM / 2) x WN.
@@ -111,7 +55,9 @@ mma_kernel(const float* __restrict__ x,     // [M, K], row stride x_stride
            const W* __restrict__ w,         // [N, K] contiguous
            const float* __restrict__ bias,  // [N] or nullptr
            float* __restrict__ out,         // [M, N], row stride out_stride
-           int64_t out_stride, int64_t M, int64_t N, int64_t K, int tiles_per_split) {
+           int64_t out_stride,
+           float* __restrict__ partial,     // [gridDim.z, M, N] when gridDim.z > 1, else unused
+           int64_t M, int64_t N, int64_t K, int tiles_per_split) {
   constexpr int kWarpM = BM / 2;
   constexpr int kMT = kWarpM / 16;          // m16 tiles per warp
   constexpr int kBN = 4 * WN;
@@ -244,7 +190,8 @@ mma_kernel(const float* __restrict__ x,     // [M, K], row stride x_stride
   cp_async_wait<0>();
 
   // ---- epilogue: c0, c1 at (row g, cols 2q, 2q+1); c2, c3 at row g + 8 ----------------
-  const bool is_split = gridDim.z > 1;
+  // A K slice (gridDim.z > 1) stores its plain partial sums; the reduce adds the bias.
+  float* slice = gridDim.z > 1 ? partial + static_cast<int64_t>(blockIdx.z) * M * N : nullptr;
 #pragma unroll
   for (int i = 0; i < kMT; ++i)
 #pragma unroll
@@ -254,18 +201,49 @@ mma_kernel(const float* __restrict__ x,     // [M, K], row stride x_stride
         const int64_t m = m0 + warp_m * kWarpM + i * 16 + lane / 4 + e / 2 * 8;
         const int64_t n = n0 + warp_n * WN + j * 8 + lane % 4 * 2 + e % 2;
         if (m >= M || n >= N) continue;
-        float* dst = out + m * out_stride + n;
-        if (is_split)
-          atomicAdd(dst, acc[i][j][e]);
+        if (slice != nullptr)
+          slice[m * N + n] = acc[i][j][e];
         else
-          *dst = acc[i][j][e] + (bias != nullptr ? bias[n] : 0.0f);
+          out[m * out_stride + n] = acc[i][j][e] + (bias != nullptr ? bias[n] : 0.0f);
       }
 }
 
 // ---- launch --------------------------------------------------------------------------
 
+// The tile shape and K split for a problem size (shapes only).
+struct MmaPlan {
+  int bm, wn;               // tile BM x (4 * wn)
+  int64_t ctas;             // M-tiles x N-tiles
+  int64_t splits;           // K slices (grid.z); 1: no split
+  int64_t tiles_per_split;  // k-tiles of kBK per slice (the last may have fewer)
+};
+
+MmaPlan plan_mma(int64_t M, int64_t N, int64_t K) {
+  MmaPlan p;
+  const int64_t wide_ctas = (M + 127) / 128 * ((N + 255) / 256);
+  if (M <= 64)
+    p.bm = 64, p.wn = 32;
+  else if (kUseWideTile && wide_ctas >= kNumSms)  // 128 x 256 tiles still fill the GPU
+    p.bm = 128, p.wn = 64;
+  else
+    p.bm = 128, p.wn = 32;
+  const int64_t bn = 4 * p.wn;
+  const int64_t k_tiles = (K + kBK - 1) / kBK;
+  p.ctas = (M + p.bm - 1) / p.bm * ((N + bn - 1) / bn);
+  int64_t splits = 1;
+  if (p.ctas < kNumSms) {  // less than one wave: split K (a wave or more stays whole)
+    splits = std::min<int64_t>({(kTargetCtas + p.ctas - 1) / p.ctas,
+                                k_tiles / kMinTilesPerSplit, kMaxSplits});
+    splits = std::max<int64_t>(splits, 1);
+  }
+  p.tiles_per_split = (k_tiles + splits - 1) / splits;
+  p.splits = (k_tiles + p.tiles_per_split - 1) / p.tiles_per_split;  // no empty slice
+  return p;
+}
+
 template <typename W, int BM, int WN>
-void launch_mma_for(const MatmulArgs& a, cudaStream_t stream) {
+void launch_mma_for(const MatmulArgs& a, const MmaPlan& p, float* partial,
+                    cudaStream_t stream) {
   constexpr int kBN = 4 * WN;
   constexpr int kSmemBytes = kStages * (BM + kBN) * kLd * static_cast<int>(sizeof(W));
   static const bool configured = [] {  // once per instantiation (not a stream operation)
@@ -276,44 +254,39 @@ void launch_mma_for(const MatmulArgs& a, cudaStream_t stream) {
   }();
   (void)configured;
 
-  const int64_t m_tiles = (a.num_tokens + BM - 1) / BM;
-  const int64_t n_tiles = (a.out_features + kBN - 1) / kBN;
-  const int64_t k_tiles = (a.in_features + kBK - 1) / kBK;
-  const int64_t ctas = m_tiles * n_tiles;
-  int64_t splits = 1;
-  if (ctas < kNumSms) {  // less than one wave: split K (a wave or more stays whole)
-    splits = std::min<int64_t>({(kTargetCtas + ctas - 1) / ctas, k_tiles / kMinTilesPerSplit,
-                                kMaxSplits});
-    splits = std::max<int64_t>(splits, 1);
-  }
-  const int64_t tiles_per_split = (k_tiles + splits - 1) / splits;
-  splits = (k_tiles + tiles_per_split - 1) / tiles_per_split;  // no empty split
-  if (splits > 1) launch_fill_bias(a, stream);
-
-  const dim3 grid(static_cast<unsigned>(ctas), 1, static_cast<unsigned>(splits));
+  const dim3 grid(static_cast<unsigned>(p.ctas), 1, static_cast<unsigned>(p.splits));
   mma_kernel<W, BM, WN><<<grid, kThreads, kSmemBytes, stream>>>(
-      a.x, a.x_stride, static_cast<const W*>(a.w), a.bias, a.out, a.out_stride, a.num_tokens,
-      a.out_features, a.in_features, static_cast<int>(tiles_per_split));
+      a.x, a.x_stride, static_cast<const W*>(a.w), a.bias, a.out, a.out_stride, partial,
+      a.num_tokens, a.out_features, a.in_features, static_cast<int>(p.tiles_per_split));
 }
 
 template <typename W>
-void launch_mma_typed(const MatmulArgs& a, cudaStream_t stream) {
-  const int64_t wide_ctas = (a.num_tokens + 127) / 128 * ((a.out_features + 255) / 256);
-  if (a.num_tokens <= 64)
-    launch_mma_for<W, 64, 32>(a, stream);
-  else if (kUseWideTile && wide_ctas >= kNumSms)  // 128 x 256 tiles still fill the GPU
-    launch_mma_for<W, 128, 64>(a, stream);
+void launch_mma_typed(const MatmulArgs& a, const MmaPlan& p, float* partial,
+                      cudaStream_t stream) {
+  if (p.bm == 64)
+    launch_mma_for<W, 64, 32>(a, p, partial, stream);
+  else if (p.wn == 64)
+    launch_mma_for<W, 128, 64>(a, p, partial, stream);
   else
-    launch_mma_for<W, 128, 32>(a, stream);
+    launch_mma_for<W, 128, 32>(a, p, partial, stream);
 }
 
 }  // namespace
 
-void launch_mma(const MatmulArgs& a, cudaStream_t stream) {
+int64_t mma_scratch_bytes(int64_t num_tokens, int64_t out_features, int64_t in_features) {
+  const MmaPlan p = plan_mma(num_tokens, out_features, in_features);
+  return p.splits > 1 ? p.splits * num_tokens * out_features * static_cast<int64_t>(sizeof(float))
+                      : 0;
+}
+
+void launch_mma(const MatmulArgs& a, void* scratch, cudaStream_t stream) {
+  const MmaPlan p = plan_mma(a.num_tokens, a.out_features, a.in_features);
+  float* partial = p.splits > 1 ? static_cast<float*>(scratch) : nullptr;
   if (a.w_dtype == engine::DType::bf16)
-    launch_mma_typed<__nv_bfloat16>(a, stream);
+    launch_mma_typed<__nv_bfloat16>(a, p, partial, stream);
   else
-    launch_mma_typed<__half>(a, stream);
+    launch_mma_typed<__half>(a, p, partial, stream);
+  if (p.splits > 1) launch_split_reduce(a, partial, p.splits, stream);
 }
 
 }  // namespace matmul_detail

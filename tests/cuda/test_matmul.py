@@ -1,5 +1,9 @@
-"""CUDA matmul against ops.reference.matmul: every path (few-token GEMV, tensor cores with
-and without split-K, the tiled fallback), weight dtype, odd sizes, strided rows, bias."""
+"""CUDA matmul against ops.reference.matmul: every path (few-token GEMV, the skinny
+tensor-core kernel for decode batches and the mma kernel, with and without split-K, the
+tiled fallback), weight dtype, odd sizes, strided rows, bias; split-K is deterministic."""
+
+import contextlib
+import os
 
 import ml_dtypes
 import numpy as np
@@ -16,6 +20,11 @@ WEIGHT_DTYPES = [np.float32, np.float16, ml_dtypes.bfloat16]
 # Mirrors cuda/matmul.cuh: with 16-bit weights, more tokens than this go through tensor
 # cores and x is rounded to w's dtype first (the fallback kernel rounds the same way).
 GEMV_MAX_TOKENS = 8
+# Mirrors cuda/matmul.cuh: more tokens than GEMV_MAX_TOKENS and up to this many go through
+# the skinny kernel, unless the environment has ENGINE_CUDA_MATMUL_SKINNY=0 (read at every
+# call): then through the mma kernel, as above this many.
+SKINNY_MAX_TOKENS = 256
+SKINNY_ENV = "ENGINE_CUDA_MATMUL_SKINNY"
 # f32 accumulation only: error relative to sum(|x| * |w|) (+ |bias|) per element.
 RTOL = 2e-5
 SENTINEL = -12345.0
@@ -27,6 +36,23 @@ N_SIZES = [1, 3, 17, 64, 129, 256, 769]
 # rows 16-byte aligned (fast paths); offset 1 does not (the fallback).
 X_LAYOUTS = [(0, 0), (8, 4), (3, 1)]
 OUT_LAYOUTS = [(0, 0), (5, 2), (8, 4)]
+
+
+@contextlib.contextmanager
+def skinny_kernel(enabled):
+    """Turns the skinny kernel on or off for the calls inside (os.environ reaches getenv)."""
+    old = os.environ.get(SKINNY_ENV)
+    os.environ[SKINNY_ENV] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[SKINNY_ENV]
+        else:
+            os.environ[SKINNY_ENV] = old
+
+
+SKINNY_IDS = {True: "skinny", False: "mma"}
 
 
 def is_rounded(num_tokens, w_dtype):
@@ -115,6 +141,78 @@ def test_model_shapes(w_dtype, shape, has_bias):
     rng = np.random.default_rng(sum(shape))
     num_tokens, in_features, out_features = shape
     run_and_check(rng, num_tokens, in_features, out_features, w_dtype, has_bias, (8, 4), (5, 2))
+
+
+# The decode-batch shapes above (GEMV_MAX_TOKENS < M <= SKINNY_MAX_TOKENS) with the skinny
+# kernel forced on and off (off: the mma kernel with split-K).
+DECODE_SHAPES = [s for s in SHAPES if GEMV_MAX_TOKENS < s[0] <= SKINNY_MAX_TOKENS]
+
+
+@pytest.mark.parametrize("skinny", [True, False], ids=SKINNY_IDS.get)
+@pytest.mark.parametrize("w_dtype", [np.float16, ml_dtypes.bfloat16],
+                         ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_decode_shapes_both_kernels(skinny, w_dtype, shape):
+    rng = np.random.default_rng(sum(shape) + 1)
+    num_tokens, in_features, out_features = shape
+    with skinny_kernel(skinny):
+        run_and_check(rng, num_tokens, in_features, out_features, w_dtype, True, (8, 4), (5, 2))
+
+
+# Every tile shape of the skinny kernel (BM 32 / 64 / 128, one or two M-tiles), K and N
+# tails, K shorter than a tile, splits with a short last slice.
+DECODE_M = [9, 16, 17, 31, 32, 33, 64, 65, 127, 128, 129, 200, 256]
+DECODE_K = [8, 24, 64, 72, 136, 776, 1024, 2056]
+DECODE_N = [1, 3, 17, 64, 65, 129, 769]
+
+
+@pytest.mark.parametrize("skinny", [True, False], ids=SKINNY_IDS.get)
+@pytest.mark.parametrize("w_dtype", [np.float16, ml_dtypes.bfloat16],
+                         ids=lambda d: np.dtype(d).name)
+@settings(max_examples=30, deadline=None)
+@given(num_tokens=st.sampled_from(DECODE_M), in_features=st.sampled_from(DECODE_K),
+       out_features=st.sampled_from(DECODE_N), has_bias=st.booleans(),
+       x_layout=st.sampled_from([(0, 0), (8, 4)]), out_layout=st.sampled_from(OUT_LAYOUTS),
+       seed=st.integers(0, 2**32 - 1))
+def test_decode_batches_match_reference(skinny, w_dtype, num_tokens, in_features, out_features,
+                                        has_bias, x_layout, out_layout, seed):
+    rng = np.random.default_rng(seed)
+    with skinny_kernel(skinny):
+        run_and_check(rng, num_tokens, in_features, out_features, w_dtype, has_bias, x_layout,
+                      out_layout)
+
+
+# Shapes whose tile grid is under one wave, so K is split: (tokens, in, out, skinny kernel).
+SPLIT_CASES = [(32, 2048, 2560, True), (128, 5632, 2048, True), (200, 2056, 777, True),
+               (32, 2048, 2560, False), (128, 5632, 2048, False), (300, 1024, 1000, False)]
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES,
+                         ids=lambda c: "x".join(map(str, c[:3])) + "-" + SKINNY_IDS[c[3]])
+def test_split_k_is_deterministic(case):
+    """The same inputs give the same bits on every run, also after another shape has used
+    the split-K scratch in between (seeded sampling on the GPU relies on it)."""
+    num_tokens, in_features, out_features, skinny = case
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((num_tokens, in_features)).astype(np.float32)
+    w = rng.standard_normal((out_features, in_features)).astype(ml_dtypes.bfloat16)
+    bias = rng.standard_normal(out_features).astype(np.float32)
+    x_dev, w_dev, bias_dev = ops.to_device(x), ops.to_device(w), ops.to_device(bias)
+    other_x = ops.to_device(rng.standard_normal((64, 1024)).astype(np.float32))
+    other_w = ops.to_device(rng.standard_normal((1000, 1024)).astype(ml_dtypes.bfloat16))
+    other_out = ops.empty((64, 1000), np.float32, device="cuda")
+    results = []
+    with skinny_kernel(skinny):
+        for _ in range(5):
+            out = ops.to_device(np.full((num_tokens, out_features), np.nan, np.float32))
+            ops.matmul(x_dev, w_dev, bias_dev, out=out)
+            ops.matmul(other_x, other_w, out=other_out)  # reuses the scratch
+            results.append(ops.to_host(out))
+    for r in results[1:]:
+        np.testing.assert_array_equal(r.view(np.uint32), results[0].view(np.uint32))
+    want, scale = expected(x, w, bias)
+    err = np.abs(results[0] - want)
+    assert np.all(err <= RTOL * scale), f"max error {err.max()}"
 
 
 @pytest.mark.parametrize("w_dtype", [np.float16, ml_dtypes.bfloat16],
