@@ -7,6 +7,8 @@ prompt in this step) come out.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from engine import ops
@@ -84,28 +86,36 @@ class ModelRunner:
                 seq.prompt_logprobs.append({lp.token_id: lp.logprob, **dict(lp.top)})
 
     def build_batch(self, scheduled) -> ForwardBatch:
+        """The packed arrays of one step, built with a few numpy calls over all sequences
+        (per-sequence Python is what bounds large decode batches on the GPU)."""
         num_seqs = len(scheduled)
-        num_tokens = sum(n for _, n in scheduled)
         bs = self.block_size
-        token_ids = np.empty(num_tokens, np.int32)
-        positions = np.empty(num_tokens, np.int32)
-        slot_mapping = np.empty(num_tokens, np.int32)
+        firsts = np.fromiter((seq.num_computed_tokens for seq, _ in scheduled), np.int32, num_seqs)
+        counts = np.fromiter((n for _, n in scheduled), np.int32, num_seqs)
         query_start_loc = np.zeros(num_seqs + 1, np.int32)
-        seq_lens = np.empty(num_seqs, np.int32)
+        np.cumsum(counts, out=query_start_loc[1:])
+        num_tokens = int(query_start_loc[-1])
+        seq_lens = firsts + counts
+        # token i of the batch belongs to sequence seq_idx[i], at position first + offset
+        seq_idx = np.repeat(np.arange(num_seqs, dtype=np.int32), counts)
+        positions = (np.repeat(firsts - query_start_loc[:-1], counts)
+                     + np.arange(num_tokens, dtype=np.int32)).astype(np.int32)
+        if num_tokens == num_seqs:  # decode: one token each
+            token_ids = np.fromiter((seq.token_ids[seq.num_computed_tokens]
+                                     for seq, _ in scheduled), np.int32, num_seqs)
+        else:
+            token_ids = np.fromiter(itertools.chain.from_iterable(
+                seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n]
+                for seq, n in scheduled), np.int32, num_tokens)
+        table_lens = np.fromiter((len(seq.block_table) for seq, _ in scheduled), np.int64,
+                                 num_seqs)
         block_tables = np.full((num_seqs, self.max_blocks_per_seq), -1, np.int32)
-        start = 0
-        for i, (seq, n) in enumerate(scheduled):
-            first = seq.num_computed_tokens
-            pos = np.arange(first, first + n, dtype=np.int32)
-            table = np.asarray(seq.block_table, np.int32)
-            token_ids[start:start + n] = seq.token_ids[first:first + n]
-            positions[start:start + n] = pos
-            slot_mapping[start:start + n] = table[pos // bs] * bs + pos % bs
-            block_tables[i, :len(table)] = table
-            seq_lens[i] = first + n
-            start += n
-            query_start_loc[i + 1] = start
+        block_tables[np.arange(self.max_blocks_per_seq) < table_lens[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(seq.block_table for seq, _ in scheduled), np.int32,
+            int(table_lens.sum()))
+        slot_mapping = (block_tables[seq_idx, positions // bs] * bs + positions % bs
+                        ).astype(np.int32)
         return ForwardBatch(token_ids=token_ids, positions=positions, slot_mapping=slot_mapping,
-                            query_start_loc=query_start_loc, seq_lens=seq_lens,
+                            query_start_loc=query_start_loc, seq_lens=seq_lens.astype(np.int32),
                             block_tables=block_tables,
                             logits_indices=query_start_loc[1:] - 1)
