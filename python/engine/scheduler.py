@@ -55,7 +55,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0 or len(out.scheduled) == self.max_num_seqs:
                 break
-            if seq not in self.running:  # preempted to make room for an earlier one
+            if seq.status != SequenceStatus.RUNNING:  # preempted to make room for an earlier one
                 continue
             n = min(self._num_to_compute(seq), budget)
             if n == 0:  # a parent waiting to fork its children
