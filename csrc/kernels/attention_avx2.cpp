@@ -3,31 +3,11 @@
 #include <immintrin.h>
 
 #include "attention_kernels.h"
+#include "vec_exp.h"
 
 namespace engine {
 namespace attention {
 namespace {
-
-// exp(x) for x <= 0 (and NaN, which stays NaN): Cephes' degree-6 polynomial on
-// x - n ln2, times 2^n built in the exponent bits. x < -87.3 gives ~1e-38, not 0.
-inline __m256 exp256(__m256 x) {
-  x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x);  // NaN in x is returned as is
-  x = _mm256_min_ps(_mm256_set1_ps(88.0f), x);
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
-  // n is in [-126, 127] here (NaN lanes produce garbage bits, but y is NaN there).
-  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
-}
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -1,4 +1,4 @@
-"""The `engine` command: generate text, convert GGUF files."""
+"""The `engine` command: generate text, convert GGUF files, serve, manage API keys."""
 
 from __future__ import annotations
 
@@ -6,12 +6,13 @@ import argparse
 import sys
 
 from engine.model.registry import DEFAULT_MODEL
+from engine.server.cli import add_server_commands
 
 
 def _generate(args) -> int:
     from engine import LLM, SamplingParams
 
-    llm = LLM(args.model, max_model_len=args.max_model_len)
+    llm = LLM(args.model, max_model_len=args.max_model_len, quantization=args.quantization)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             min_p=args.min_p, max_tokens=args.max_tokens, seed=args.seed,
                             stop=args.stop or None)
@@ -54,12 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--stop", action="append", help="a stop string (repeatable)")
     gen.add_argument("--max-model-len", type=int, default=None)
     gen.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    gen.add_argument("--quantization", choices=["q8_0", "q4_0", "q4_1"], default=None,
+                     help="quantise the model's float weights at load (GGUF files run their "
+                          "stored blocks natively without it)")
     gen.set_defaults(func=_generate)
 
     conv = sub.add_parser("convert", help="write a GGUF file as a Hugging Face folder")
     conv.add_argument("gguf")
     conv.add_argument("out_dir")
     conv.set_defaults(func=_convert)
+
+    add_server_commands(sub)
     return parser
 
 

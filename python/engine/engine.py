@@ -61,6 +61,9 @@ class EngineConfig:
         kv_cache_dtype: "auto" (float32 on the CPU; on the GPU bfloat16 for 16-bit
             weights, else float32), "float32" or "bfloat16" (GPU only).
         use_cuda_graphs: on the GPU, replay decode steps as captured CUDA graphs.
+        quantization: None (run the weights as stored: GGUF blocks natively, float as
+            float), or "q8_0" / "q4_0" / "q4_1": quantise the float projection weights at
+            load and run them on the quantised CPU kernels.
     """
     model: str
     max_model_len: int | None = None
@@ -74,8 +77,14 @@ class EngineConfig:
     device: str = "cpu"
     kv_cache_dtype: str = "auto"
     use_cuda_graphs: bool = True
+    quantization: str | None = None
 
     def __post_init__(self):
+        if self.quantization not in (None, "q8_0", "q4_0", "q4_1"):
+            raise ValueError("EngineConfig.quantization must be None, 'q8_0', 'q4_0' or 'q4_1', "
+                             f"got {self.quantization!r}")
+        if self.quantization is not None and self.device != "cpu":
+            raise ValueError("EngineConfig.quantization runs on the CPU only (device='cpu')")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"EngineConfig.device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
@@ -128,7 +137,7 @@ class LLMEngine:
                 raise RuntimeError("device='cuda' needs engine built with CUDA and a visible GPU; "
                                    "gpu_available() is False")
         self.model = build_model(checkpoint, max_position=self.max_model_len,
-                                 device=config.device)
+                                 device=config.device, quantization=config.quantization)
         self.model_config = self.model.config
         self.kv_cache_dtype = self._kv_cache_dtype()
         self.num_blocks = config.num_kv_blocks or self._blocks_for_budget(config.kv_cache_gib)
@@ -255,8 +264,9 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Run one forward; returns the outputs of requests that produced a token."""
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
+        """Run one forward; returns the outputs of requests that produced a token (or, with
+        only_finished, of those that finished: offline generation needs no others)."""
         self._fork_ready_parents()
         out = self.scheduler.schedule()
         if not out.scheduled:
@@ -281,7 +291,8 @@ class LLMEngine:
         for request_id, num_tokens in touched.items():
             self.metrics.on_token(request_id, now, num_tokens)
         self._record_step(num_prefill, num_decode, now - start)
-        outputs = [self._output(self.requests[r]) for r in touched]
+        outputs = [self._output(self.requests[r]) for r in touched
+                   if not only_finished or all(seq.is_finished for seq in self.requests[r].seqs)]
         for output in outputs:
             if output.finished:
                 del self.requests[output.request_id]

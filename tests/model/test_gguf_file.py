@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from engine.model.gguf_file import metadata, read_gguf
-from engine.model.gguf_llama import GGUFWeights, hf_config
+from engine.model.gguf_llama import GGUFWeights, hf_config, unpermute_rows
+from engine.ops.quantized import QuantizedWeight
 from engine.model.loader import load_checkpoint
 
 TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -51,8 +52,10 @@ def gguf_name(hf_name):
             "output_norm.weight", "lm_head.weight": "output.weight"}[hf_name]
 
 
-def write_llama_gguf(path, weights, c=TINY, arch="llama", quantize=("mlp.up_proj",)):
-    """Write HF-named float32 weights as llama.cpp would: Q/K permuted, some tensors Q8_0.
+def write_llama_gguf(path, weights, c=TINY, arch="llama", quantize=("mlp.up_proj",),
+                     qtype=gguf.GGMLQuantizationType.Q8_0):
+    """Write HF-named float32 weights as llama.cpp would: Q/K permuted, some tensors in
+    qtype blocks.
 
     Returns the weights as they read back exactly (quantised tensors round-tripped)."""
     writer = gguf.GGUFWriter(str(path), arch)
@@ -76,9 +79,14 @@ def write_llama_gguf(path, weights, c=TINY, arch="llama", quantize=("mlp.up_proj
         elif ".k_proj." in name:
             stored = llama_cpp_permute(w, c["num_key_value_heads"])
         if any(q in name for q in quantize):
-            raw = gguf.quants.quantize(stored, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(gguf_name(name), raw, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-            expected[name] = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType.Q8_0)
+            raw = gguf.quants.quantize(stored, qtype)
+            writer.add_tensor(gguf_name(name), raw, raw_dtype=qtype)
+            deq = gguf.quants.dequantize(raw, qtype)
+            if ".q_proj." in name:
+                deq = unpermute_rows(deq, c["num_attention_heads"])
+            elif ".k_proj." in name:
+                deq = unpermute_rows(deq, c["num_key_value_heads"])
+            expected[name] = deq
         else:
             writer.add_tensor(gguf_name(name), stored)
             expected[name] = w
@@ -109,10 +117,30 @@ def test_config_and_weights(tiny_gguf):
     assert (c["bos_token_id"], c["eos_token_id"]) == (1, 2)
     assert set(checkpoint.weights) == set(expected)
     for name, w in expected.items():
-        got = checkpoint.weights[name]
-        assert got.dtype == np.float32 and got.shape == w.shape, name
-        np.testing.assert_array_equal(got, w, err_msg=name)  # exact: un-permuted, dequantised
-        assert checkpoint.weights.shape(name) == w.shape
+        got = checkpoint.weights[name]  # as stored: float32, or Q8_0 blocks for up_proj
+        assert isinstance(got, QuantizedWeight) == (".up_proj." in name), name
+        assert got.shape == w.shape and checkpoint.weights.shape(name) == w.shape, name
+        got = got.dequantize() if isinstance(got, QuantizedWeight) else got
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, w, err_msg=name)  # exact: un-permuted
+    dequantized = GGUFWeights(read_gguf(path), c, dequantize=True)
+    for name, w in expected.items():
+        assert dequantized[name].dtype == np.float32
+        np.testing.assert_array_equal(dequantized[name], w, err_msg=name)
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_quantised_q_and_k_rows_are_unpermuted_whole(tmp_path, rng, qtype):
+    """llama.cpp permutes Q/K rows; blocks lie along a row, so moving whole rows undoes it."""
+    path = tmp_path / "q.gguf"
+    expected = write_llama_gguf(path, tiny_hf_weights(rng),
+                                quantize=("self_attn.q_proj", "self_attn.k_proj"),
+                                qtype=gguf.GGMLQuantizationType[qtype])
+    weights = load_checkpoint(path).weights
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.k_proj.weight"):
+        got = weights[name]
+        assert isinstance(got, QuantizedWeight) and got.format == qtype.lower()
+        np.testing.assert_array_equal(got.dequantize(), expected[name])
 
 
 def test_untied_and_metadata(tmp_path, rng):

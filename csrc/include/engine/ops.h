@@ -27,6 +27,41 @@ void set_isa(const std::string& name);  // throws if the CPU lacks it
 void matmul(const TensorView& x, const TensorView& w, const TensorView& bias,
             const TensorView& out);
 
+// ---- quantised matmul (GGUF block formats) -------------------------------------
+// Weights stay in the blocks llama.cpp reads, laid along in_features (ggml's layouts):
+//   q8_0: 32 values in 34 bytes: f16 d, 32 x i8 q                  w = d * q
+//   q4_0: 32 values in 18 bytes: f16 d, 16 bytes of nibbles        w = d * (q - 8)
+//   q4_1: 32 values in 20 bytes: f16 d, f16 m, nibbles             w = d * q + m
+//   q4_k: 256 values in 144 bytes: f16 d, f16 dmin, 12 bytes of 6-bit scales and mins,
+//         128 bytes of nibbles                       w = d * sc_j * q - dmin * m_j per 32
+//   q6_k: 256 values in 210 bytes: 128 bytes low nibbles, 64 bytes high 2 bits, 16 x i8
+//         scales, f16 d                              w = d * sc_j * (q - 32) per 16
+// A row of in_features values is in_features / block_values blocks, back to back.
+enum class QuantFormat : int32_t { q8_0, q4_0, q4_1, q4_k, q6_k };
+QuantFormat parse_quant_format(const std::string& name);  // throws, listing the known names
+const char* quant_format_name(QuantFormat format);
+int64_t quant_block_values(QuantFormat format);  // 32 or 256
+int64_t quant_block_bytes(QuantFormat format);
+// The kernel family quant_matmul uses now: "avx512_vnni", "avx2" or "portable".
+std::string quant_kernel();
+
+// out = x @ dequantise(w)^T (+ bias). Each row of x is quantised on the fly to q8 blocks
+// of 32 (d = max|x| / 127, q = round-half-even(x / d)) for integer dot products; a block
+// with NaN or inf makes its output row NaN.
+//   x    [num_tokens, in_features]     f32, rows contiguous (any row stride);
+//        in_features a multiple of the format's block_values
+//   w    [out_features, in_features / block_values * block_bytes] u8, contiguous
+//   bias [out_features] f32 or absent
+//   out  [num_tokens, out_features]    f32, rows contiguous (any row stride)
+void quant_matmul(const TensorView& x, const TensorView& w, const std::string& format,
+                  const TensorView& bias, const TensorView& out);
+
+// out[i] = dequantise(table[ids[i]]): an embedding table kept in its blocks.
+//   ids [num_tokens] i32 in [0, vocab), table [vocab, row_bytes] u8 (rows contiguous),
+//   out [num_tokens, hidden] f32 with row_bytes = hidden / block_values * block_bytes.
+void quant_embedding(const TensorView& ids, const TensorView& table, const std::string& format,
+                     const TensorView& out);
+
 // ---- norms -------------------------------------------------------------------
 // out = x / sqrt(mean(x^2) + eps) * weight, per row.
 //   x [num_tokens, hidden] f32, weight [hidden] f32/f16/bf16, out like x.
@@ -34,6 +69,14 @@ void rms_norm(const TensorView& x, const TensorView& weight, double eps, const T
 // In place: residual += x; x = rms_norm(residual) * weight. (vLLM's fused_add_rms_norm.)
 void fused_add_rms_norm(const TensorView& x, const TensorView& residual,
                         const TensorView& weight, double eps);
+
+// out = (s - mean(s)) / sqrt(var(s) + eps) * weight + bias per row, with s = x + residual
+// when a residual is given (BERT's post-norm LayerNorm(sublayer(x) + x)), else s = x.
+// Mean and (biased) variance in double. out may be x or residual itself.
+//   x, residual, out [num_tokens, hidden] f32 (rows contiguous, any row stride)
+//   weight, bias     [hidden] f32/f16/bf16 (residual and bias may be absent)
+void layer_norm(const TensorView& x, const TensorView& residual, const TensorView& weight,
+                const TensorView& bias, double eps, const TensorView& out);
 
 // ---- rope ----------------------------------------------------------------------
 // In place, rotate_half (GPT-NeoX) layout, on the first rotary_dim of each head.
@@ -47,6 +90,11 @@ void rope(const TensorView& positions, const TensorView& q, const TensorView& k,
 // ---- activations ---------------------------------------------------------------
 // out = silu(x[:, :d]) * x[:, d:], x [num_tokens, 2 * d] f32, out [num_tokens, d] f32.
 void silu_and_mul(const TensorView& x, const TensorView& out);
+
+// out = gelu(x) elementwise: x / 2 * (1 + erf(x / sqrt(2))), or with tanh_approximation
+// x / 2 * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 x^3))). out may be x itself.
+//   x, out [num_tokens, d] f32 (rows contiguous, any row stride)
+void gelu(const TensorView& x, const TensorView& out, bool tanh_approximation);
 
 // ---- embedding -----------------------------------------------------------------
 // out[i] = table[ids[i]], ids [num_tokens] i32, table [vocab, hidden] f32/f16/bf16,
@@ -84,6 +132,19 @@ void kv_cache_copy(const TensorView& k_cache, const TensorView& v_cache,
 void paged_attention(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
                      const TensorView& block_tables, const TensorView& seq_lens,
                      const TensorView& query_start_loc, double scale, const TensorView& out);
+
+// Attention within each sequence of a packed batch, without a KV cache or padding:
+// sequence s owns tokens [query_start_loc[s], query_start_loc[s+1]) of q, k and v, and
+// each of its tokens attends to all of its tokens (causal = false: encoders), or to those
+// at or before it (causal = true). Grouped-query: query head h reads KV head
+// h / (num_heads / num_kv_heads).
+//   q               [num_tokens, num_heads, head_dim] f32 (any token and head stride)
+//   k, v            [num_tokens, num_kv_heads, head_dim] f32 (any token and head stride)
+//   query_start_loc [num_seqs + 1] i32: 0, non-decreasing, ending at num_tokens
+//   out             [num_tokens, num_heads, head_dim] f32, not overlapping q, k or v
+void varlen_attention(const TensorView& q, const TensorView& k, const TensorView& v,
+                      const TensorView& query_start_loc, double scale, bool causal,
+                      const TensorView& out);
 
 // ---- sampling ------------------------------------------------------------------
 // One token per row of logits [num_seqs, vocab] f32 (not modified). Per row:

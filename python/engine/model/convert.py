@@ -33,7 +33,7 @@ def convert_gguf(gguf_path: str | os.PathLike[str], out_dir: str | os.PathLike[s
     gguf_path, out_dir = os.fspath(gguf_path), os.fspath(out_dir)
     parsed = gguf_file.read_gguf(gguf_path)
     config = gguf_llama.hf_config(parsed)
-    weights = gguf_llama.GGUFWeights(parsed, config)
+    weights = gguf_llama.GGUFWeights(parsed, config, dequantize=True)
     os.makedirs(out_dir, exist_ok=True)
     _write_json(os.path.join(out_dir, "config.json"), config)
     generation = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")

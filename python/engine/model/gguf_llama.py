@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 
+import ml_dtypes
 import numpy as np
+from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from engine.model.gguf_file import GGUFFile, metadata
+from engine.ops.quantized import QuantizedWeight, format_of_ggml_type
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 _LAYER_TENSORS = {
@@ -18,6 +21,9 @@ _LAYER_TENSORS = {
 }
 _GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                    "output": "lm_head"}
+# Stored types read as zero-copy numpy views (the matmul converts them in its inner loop).
+_FLOAT_TYPES = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16,
+                GGMLQuantizationType.BF16: ml_dtypes.bfloat16}
 
 
 def architecture(gguf_file: GGUFFile) -> str:
@@ -134,14 +140,20 @@ def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 class GGUFWeights(Mapping[str, np.ndarray]):
-    """HF name -> float32 array, dequantised (and Q/K un-permuted) on each access.
+    """HF name -> weight, Q/K rows un-permuted, read on each access.
 
-    Nothing is cached: a caller that keeps every array holds a float32 copy of the model,
-    one that converts each to its own layout holds one tensor at a time.
+    By default a weight comes as the file stores it: float32/float16/bfloat16 as zero-copy
+    views, Q8_0/Q4_0/Q4_1/Q4_K/Q6_K matrices as `QuantizedWeight` blocks (what the quantised
+    kernels run), other block types dequantised to float32. With dequantize=True every
+    weight is float32 (what `engine convert` writes).
+
+    Nothing is cached: a caller that keeps every array holds a copy only of what had to be
+    converted or un-permuted.
     """
 
-    def __init__(self, gguf_file: GGUFFile, config: dict):
+    def __init__(self, gguf_file: GGUFFile, config: dict, dequantize: bool = False):
         self.gguf_file, self.file = gguf_file, gguf_file.name
+        self.dequantize = dequantize
         self._tensors, self._heads = {}, {}
         for t in gguf_file.tensors.values():
             hf_name = hf_tensor_name(t.name)
@@ -161,21 +173,33 @@ class GGUFWeights(Mapping[str, np.ndarray]):
     def gguf_name(self, name: str) -> str:
         return self._tensors[name].name
 
-    def __getitem__(self, name: str) -> np.ndarray:
+    def __getitem__(self, name: str):
         t = self._tensors[name]
-        try:
-            raw = self.gguf_file.tensor_bytes(t.name)
-            w = np.asarray(dequantize(raw, t.ggml_type), dtype=np.float32)
-        except NotImplementedError as e:
-            raise ValueError(f"{self.file}: tensor {t.name!r}: {e}") from e
-        w = w.reshape(self.shape(name))
+        w = self._read(t)
         if name in self._heads:
             heads = self._heads[name]
             if w.shape[0] % (2 * heads):
                 raise ValueError(f"{self.file}: tensor {t.name!r} has {w.shape[0]} rows, not "
                                  f"divisible into {heads} heads of an even size")
-            w = unpermute_rows(w, heads)
-        return np.ascontiguousarray(w)
+            order = unpermute_rows(np.arange(w.shape[0]), heads)  # whole rows: blocks intact
+            return w.take_rows(order) if isinstance(w, QuantizedWeight) else w[order]
+        return w
+
+    def _read(self, t):
+        raw = self.gguf_file.tensor_bytes(t.name)
+        shape = t.shape
+        if not self.dequantize:
+            if t.ggml_type in _FLOAT_TYPES:
+                return raw.view(_FLOAT_TYPES[t.ggml_type]).reshape(shape)
+            fmt = format_of_ggml_type(t.ggml_type)
+            if fmt is not None and len(shape) == 2:
+                # gguf_file checked that the rows fill whole blocks and lie inside the file
+                return QuantizedWeight(raw.reshape(shape[0], -1), fmt, shape[1])
+        try:
+            w = np.asarray(dequantize(raw, t.ggml_type), dtype=np.float32)
+        except NotImplementedError as e:
+            raise ValueError(f"{self.file}: tensor {t.name!r}: {e}") from e
+        return np.ascontiguousarray(w.reshape(shape))
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)

@@ -18,6 +18,7 @@ from engine.model.batch import ForwardBatch, KVCache
 from engine.model.config import ModelConfig
 from engine.model.loader import require
 from engine.model.rope import rope_cos_sin_cache, rope_parameters
+from engine.ops.quantized import QUANTIZABLE, QuantizedWeight, RowStack, stack_rows
 
 
 @dataclass
@@ -29,6 +30,15 @@ class LlamaLayer:
     post_norm: np.ndarray    # [hidden]
     gate_up: np.ndarray      # [2 * intermediate, hidden]: gate rows then up rows
     down: np.ndarray         # [hidden, intermediate]
+
+
+def _dequantized(w):
+    """float32 for GGUF blocks (and stacks holding them); anything else as it is."""
+    if isinstance(w, QuantizedWeight):
+        return w.dequantize()
+    if isinstance(w, RowStack):
+        return np.concatenate([np.asarray(_dequantized(p), np.float32) for p in w.parts])
+    return w
 
 
 class Workspace:
@@ -56,14 +66,19 @@ class Workspace:
 
 class LlamaForCausalLM:
     def __init__(self, config: ModelConfig, weights: Mapping[str, np.ndarray], source: str,
-                 max_position: int | None = None, device: str = "cpu"):
+                 max_position: int | None = None, device: str = "cpu",
+                 quantization: str | None = None):
         """Args:
             config: the model's shape.
-            weights: Hugging Face tensor names -> arrays (f32/f16/bf16, zero-copy where possible).
+            weights: Hugging Face tensor names -> arrays (f32/f16/bf16, zero-copy where
+                possible) or QuantizedWeights (GGUF blocks, run as they are).
             source: the file or folder the weights came from, for error messages.
             max_position: positions the RoPE table covers (default: the config's maximum).
             device: "cpu" (numpy views of the files) or "cuda" (copies in GPU memory,
                 same dtypes).
+            quantization: None, or "q8_0" / "q4_0" / "q4_1": quantise the float projection
+                weights at load (the LM head to q8_0; the embedding table stays as it is;
+                weights the checkpoint already stores quantised are kept).
         """
         self.config = c = config
         hidden, q, kv, inter = c.hidden_size, c.q_size, c.kv_size, c.intermediate_size
@@ -83,16 +98,16 @@ class LlamaForCausalLM:
         self.layers = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
-            qkv = np.concatenate([get(p + "self_attn.q_proj.weight", (q, hidden)),
-                                  get(p + "self_attn.k_proj.weight", (kv, hidden)),
-                                  get(p + "self_attn.v_proj.weight", (kv, hidden))])
+            qkv = stack_rows([get(p + "self_attn.q_proj.weight", (q, hidden)),
+                              get(p + "self_attn.k_proj.weight", (kv, hidden)),
+                              get(p + "self_attn.v_proj.weight", (kv, hidden))])
             qkv_bias = None
             if c.attention_bias:
                 qkv_bias = np.concatenate([bias(p + "self_attn.q_proj.bias", q),
                                            bias(p + "self_attn.k_proj.bias", kv),
                                            bias(p + "self_attn.v_proj.bias", kv)])
-            gate_up = np.concatenate([get(p + "mlp.gate_proj.weight", (inter, hidden)),
-                                      get(p + "mlp.up_proj.weight", (inter, hidden))])
+            gate_up = stack_rows([get(p + "mlp.gate_proj.weight", (inter, hidden)),
+                                  get(p + "mlp.up_proj.weight", (inter, hidden))])
             self.layers.append(LlamaLayer(
                 input_norm=get(p + "input_layernorm.weight", (hidden,)),
                 qkv=qkv, qkv_bias=qkv_bias,
@@ -107,18 +122,34 @@ class LlamaForCausalLM:
                                           base, scaling)
         self.scale = c.head_dim ** -0.5
         self.device = device
+        if quantization is not None:
+            self._quantize(quantization)
         if device == "cuda":
             self._to_device()
 
+    def _quantize(self, fmt: str) -> None:
+        """Quantise the float projection weights to fmt (the LM head to q8_0) in place."""
+        if fmt not in QUANTIZABLE:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZABLE)}, got {fmt!r}")
+
+        def convert(w, to):
+            return QuantizedWeight.quantize(w, to) if isinstance(w, np.ndarray) else w
+
+        for layer in self.layers:
+            for name in ("qkv", "o_proj", "gate_up", "down"):
+                setattr(layer, name, convert(getattr(layer, name), fmt))
+        self.lm_head = convert(self.lm_head, "q8_0")
+
     def _to_device(self) -> None:
-        """Copy every weight (and the RoPE table) to the GPU once, tied ones once."""
+        """Copy every weight (and the RoPE table) to the GPU once, tied ones once. GGUF
+        blocks have no GPU kernels: they go over dequantised to float32."""
         moved: dict[int, object] = {}
 
         def move(a):
             if a is None:
                 return None
             if id(a) not in moved:
-                moved[id(a)] = ops.to_device(a)
+                moved[id(a)] = ops.to_device(_dequantized(a))
             return moved[id(a)]
 
         self.embed, self.norm, self.lm_head = move(self.embed), move(self.norm), move(self.lm_head)

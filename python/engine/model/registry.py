@@ -49,9 +49,12 @@ def resolve_model_path(model: str) -> str:
                      f".gguf file) nor a known name ({', '.join(sorted(PACKAGED_MODELS))})")
 
 
-def build_model(checkpoint, max_position: int | None = None, device: str = "cpu"):
-    """Instantiate the architecture named by the checkpoint's config on "cpu" or "cuda"."""
+def build_model(checkpoint, max_position: int | None = None, device: str = "cpu",
+                quantization: str | None = None):
+    """Instantiate the architecture named by the checkpoint's config on "cpu" or "cuda",
+    optionally quantising its float weights ("q8_0", "q4_0", "q4_1") at load."""
     config = ModelConfig.from_hf(checkpoint.config)
     cls = ARCHITECTURES[config.architecture]
+    kwargs = {"quantization": quantization} if quantization is not None else {}
     return cls(config, checkpoint.weights, str(checkpoint.path), max_position=max_position,
-               device=device)
+               device=device, **kwargs)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine import _C
+from engine.ops.quantized import QuantizedWeight, RowStack
 
 try:  # built wherever nvcc was found; imports without a driver and reports no device
     from engine import _C_cuda
@@ -28,6 +29,7 @@ __all__ = [
     "kv_cache_write", "kv_cache_copy", "paged_attention", "sample", "apply_penalties", "log_softmax_topk",
     "isa", "best_isa", "set_isa", "available_isas",
     "layer_norm", "gelu", "varlen_attention",
+    "QuantizedWeight", "quant_kernel",
 ]
 
 
@@ -139,9 +141,32 @@ def available_isas() -> list[str]:
 
 
 def matmul(x, w, bias=None, *, out):
-    """out[num_tokens, out_features] = x @ w.T (+ bias); w f32/f16/bf16."""
-    _backend(x, w, bias, out).matmul(x, w, bias, out)
+    """out[num_tokens, out_features] = x @ w.T (+ bias).
+
+    w is f32/f16/bf16, a QuantizedWeight (GGUF blocks; CPU only: x is quantised on the fly
+    to q8 blocks of 32 for integer dot products), or a RowStack of those (each part into
+    its own columns of out).
+    """
+    if isinstance(w, QuantizedWeight):
+        _require_cpu("matmul", x, bias, out)
+        _C.quant_matmul(x, w.data, w.format, bias, out)
+    elif isinstance(w, RowStack):
+        for part, start, stop in zip(w.parts, w.bounds, w.bounds[1:]):
+            matmul(x, part, None if bias is None else bias[start:stop], out=out[:, start:stop])
+    else:
+        _backend(x, w, bias, out).matmul(x, w, bias, out)
     return out
+
+
+def quant_kernel() -> str:
+    """The quantised-matmul kernels in use: avx512_vnni, avx2 or portable."""
+    return _C.quant_kernel()
+
+
+def _require_cpu(op: str, *arrays) -> None:
+    if _backend(*arrays) is not _C:
+        raise TypeError(f"ops.{op}: quantised (GGUF block) weights run on the CPU only; "
+                        f"pass numpy arrays")
 
 
 def rms_norm(x, weight, eps: float, *, out):
@@ -169,8 +194,12 @@ def silu_and_mul(x, *, out):
 
 
 def embedding(ids, table, *, out):
-    """out[i] = table[ids[i]]."""
-    _backend(ids, table, out).embedding(ids, table, out)
+    """out[i] = table[ids[i]]; table f32/f16/bf16 or a QuantizedWeight (rows dequantised)."""
+    if isinstance(table, QuantizedWeight):
+        _require_cpu("embedding", ids, out)
+        _C.quant_embedding(ids, table.data, table.format, out)
+    else:
+        _backend(ids, table, out).embedding(ids, table, out)
     return out
 
 

@@ -6,6 +6,8 @@ computed in float64 where that makes the result the exact answer to compare to.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 MASK64 = (1 << 64) - 1
@@ -32,6 +34,18 @@ def fused_add_rms_norm(x, residual, weight, eps):
     return x, residual
 
 
+def layer_norm(x, weight, bias, eps, *, out, residual=None):
+    s = x.astype(np.float32) if residual is None else x + residual  # the sum rounds to float32
+    s64 = s.astype(np.float64)
+    mean = s64.mean(axis=-1, keepdims=True)
+    var = ((s64 - mean) ** 2).mean(axis=-1, keepdims=True)
+    y = (s64 - mean) / np.sqrt(var + eps) * weight.astype(np.float64)
+    if bias is not None:
+        y += bias.astype(np.float64)
+    out[...] = y
+    return out
+
+
 def rope(positions, q, k, cos_sin_cache, head_dim):
     rotary_dim = cos_sin_cache.shape[1]
     half = rotary_dim // 2
@@ -51,6 +65,17 @@ def silu_and_mul(x, *, out):
     d = x.shape[-1] // 2
     a = x[..., :d].astype(np.float64)
     out[...] = a / (1.0 + np.exp(-a)) * x[..., d:].astype(np.float64)
+    return out
+
+
+def gelu(x, *, out, approximate="none"):
+    x64 = x.astype(np.float64)
+    if approximate == "tanh":
+        u = np.sqrt(2.0 / np.pi) * (x64 + 0.044715 * x64 ** 3)
+        out[...] = 0.5 * x64 * (1.0 + np.tanh(u))
+    else:  # x * Phi(x) = x / 2 * erfc(-x / sqrt(2)): no cancellation for x < 0
+        erfc = np.vectorize(math.erfc, otypes=[np.float64])
+        out[...] = 0.5 * x64 * erfc(-x64 / np.sqrt(2.0)) if x.size else x64
     return out
 
 
@@ -104,6 +129,26 @@ def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc
         p = np.exp(scores)
         p /= p.sum(axis=-1, keepdims=True)
         out[start:end] = np.einsum("hts,shd->thd", p, v)
+    return out
+
+
+def varlen_attention(q, k, v, query_start_loc, scale, causal, *, out):
+    group = q.shape[1] // k.shape[1]
+    for s in range(len(query_start_loc) - 1):
+        start, end = int(query_start_loc[s]), int(query_start_loc[s + 1])
+        if end == start:
+            continue
+        qs = q[start:end].astype(np.float64)                       # [n, num_heads, head_dim]
+        ks = np.repeat(k[start:end].astype(np.float64), group, axis=1)
+        vs = np.repeat(v[start:end].astype(np.float64), group, axis=1)
+        scores = np.einsum("thd,shd->hts", qs, ks) * scale
+        if causal:
+            n = end - start
+            scores[:, np.triu(np.ones((n, n), bool), k=1)] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        p = np.exp(scores)
+        p /= p.sum(axis=-1, keepdims=True)
+        out[start:end] = np.einsum("hts,shd->thd", p, vs)
     return out
 
 
@@ -224,3 +269,62 @@ def log_softmax_topk(logits, token_ids, k, *, out_token_logprob, out_topk_ids,
         out_topk_ids[i] = top
         out_topk_logprobs[i] = logp[top]
     return out_token_logprob, out_topk_ids, out_topk_logprobs
+
+
+# ---- quantised weights (GGUF blocks) ------------------------------------------------------
+
+Q8_BLOCK = 32
+
+
+def quantize_q8_blocks(x):
+    """The kernels' on-the-fly activation quantisation, bit for bit.
+
+    Per token row and block of 32 values: d = max|x| / 127 and q = round-half-even(x / d)
+    (as x * (1 / d) in float32); a block with NaN or inf gets d = NaN and q = 0.
+
+    Args:
+        x: [num_tokens, in_features] float32, in_features a multiple of 32.
+    Returns:
+        (q [num_tokens, in_features] int8, d [num_tokens, in_features / 32] float32).
+    """
+    blocks = np.asarray(x, np.float32).reshape(x.shape[0], -1, Q8_BLOCK)
+    finite = np.isfinite(blocks).all(axis=-1)
+    with np.errstate(invalid="ignore"):
+        amax = np.where(finite, np.abs(blocks).max(axis=-1), np.float32(0))
+    d = (amax / np.float32(127)).astype(np.float32)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d != 0, np.float32(1) / d, np.float32(0)).astype(np.float32)
+    with np.errstate(invalid="ignore"):
+        q = np.rint(np.where(finite[..., None], blocks, 0) * inv[..., None]).astype(np.int8)
+    d = np.where(finite, d, np.float32(np.nan)).astype(np.float32)
+    return q.reshape(x.shape), d
+
+
+def dequantize_blocks(w, format):
+    """[rows, row_bytes] uint8 blocks -> float32 [rows, in_features], by gguf's dequantisers."""
+    from gguf.quants import dequantize
+
+    from engine.ops.quantized import FORMATS
+
+    block_values, block_bytes, type_id = FORMATS[format]
+    in_features = w.shape[1] // block_bytes * block_values
+    if w.shape[0] == 0:
+        return np.zeros((0, in_features), np.float32)
+    return np.asarray(dequantize(np.ascontiguousarray(w), type_id), np.float32).reshape(
+        w.shape[0], in_features)
+
+
+def quant_matmul(x, w, format, bias=None, *, out):
+    """out = dequantise(x's q8 blocks) @ dequantise(w)^T (+ bias), in float64."""
+    q, d = quantize_q8_blocks(x)
+    x_used = (q.reshape(d.shape + (Q8_BLOCK,)).astype(np.float64) * d[..., None]).reshape(q.shape)
+    y = x_used @ dequantize_blocks(w, format).astype(np.float64).T
+    if bias is not None:
+        y += bias.astype(np.float64)
+    out[...] = y
+    return out
+
+
+def quant_embedding(ids, table, format, *, out):
+    out[...] = dequantize_blocks(table[np.asarray(ids)], format)
+    return out

@@ -1,0 +1,193 @@
+"""CPU speed on the same weights: engine vs llama.cpp (llama-cpp-python) vs transformers.
+
+    python benchmarks/bench_cpu.py --setup     # once: build llama-cpp-python 0.3.36 (5-6 min),
+                                               # install matplotlib, make the models
+    python benchmarks/bench_cpu.py [--repeats 3] [--models smollm2,llama1b] [--threads 2]
+
+Models: SmolLM2-135M-Instruct from its GGUF (Q4_1 layers, Q8_0 embedding: the bytes llama.cpp
+reads), plus f16 and Q8_0 GGUFs that llama.cpp's converter writes from the same weights
+dequantised; and a random Llama of 1.07B parameters (hidden 2048, 16 layers, Llama-3.2-1B's
+shape with SmolLM2's vocabulary) as bf16 safetensors, converted to GGUF f16 and Q8_0 by the
+converter in the llama-cpp-python sdist, and to Q4_0 by llama.cpp's own quantiser.
+
+Every measurement runs in a fresh process (so peak RSS is its own), engines interleaved
+(engine, llama.cpp, engine, ...) because these machines drift; medians are printed, then
+ratios engine / llama.cpp. Same threads, same 512-token prompt, 128 greedy new tokens.
+llama-cpp-python is built with AMX off (GCC 12 miscompiles its _tile_loadconfig); it and
+the models live in ~/.cache/engine-bench (ENGINE_BENCH_DIR), never in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+import bench_cpu_setup as setup  # noqa: E402
+
+PEERS = ("engine", "llama.cpp")
+
+
+def run_worker(runner: str, model: str, threads: int, args, batch: int = 1) -> dict:
+    """One measurement in a fresh process; returns its JSON result."""
+    cmd = [sys.executable, str(Path(__file__).parent / "bench_cpu_worker.py"), runner, model,
+           "--threads", str(threads), "--prompt-len", str(args.prompt_len),
+           "--new-tokens", str(args.new_tokens if batch == 1 else args.batch_new_tokens),
+           "--batch", str(batch)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=setup.pythonpath())
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    if done.returncode != 0 or not lines:
+        raise SystemExit(f"{runner} on {model} failed:\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1])
+
+
+def median(results: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def measure(args) -> dict:
+    cases = setup.cases(args.models.split(","))
+    results: dict = {"cases": {}, "batched": {}, "bandwidth": []}
+    results["bandwidth"].append(setup.copy_bandwidth(args.threads))
+    for repeat in range(args.repeats):
+        for name, case in cases.items():
+            for runner in PEERS:
+                out = run_worker(runner, case[runner], args.threads, args)
+                results["cases"].setdefault(name, {}).setdefault(runner, []).append(out)
+                print(f"[{repeat + 1}/{args.repeats}] {name:16s} {runner:12s} prefill "
+                      f"{out['prefill_tps']:8.1f}  decode {out['decode_tps']:7.2f} tok/s  "
+                      f"rss {out['peak_rss'] / 2**20:7.0f} MiB", flush=True)
+            peer = case.get("transformers")
+            if peer and not args.no_transformers and repeat < args.peer_repeats:
+                out = run_worker("transformers", peer, args.threads, args)
+                results["cases"][name].setdefault("transformers", []).append(out)
+                print(f"[{repeat + 1}/{args.repeats}] {name:16s} transformers prefill "
+                      f"{out['prefill_tps']:8.1f}  decode {out['decode_tps']:7.2f} tok/s",
+                      flush=True)
+    for name, case in cases.items():
+        if not case.get("batched"):
+            continue
+        for batch in args.batches:
+            runs = [run_worker("engine", case["engine"], args.threads, args, batch)
+                    for _ in range(args.batch_repeats)]
+            results["batched"].setdefault(name, {})[batch] = runs
+            print(f"{name:16s} engine batch {batch:3d}: decode "
+                  f"{median(runs, 'decode_tps'):8.1f} tok/s", flush=True)
+    results["bandwidth"].append(setup.copy_bandwidth(args.threads))
+    return results
+
+
+def report(results: dict, args) -> None:
+    bandwidth = max(b for b in results["bandwidth"])
+    first = next(iter(next(iter(results["cases"].values())).values()))[0]
+    print()
+    print(f"machine: {setup.machine_line()}")
+    print(f"versions: {first['versions']}, llama-cpp-python {setup.llama_cpp_version()}")
+    print(f"{args.threads} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
+          f"greedy, batch 1, median of {args.repeats} interleaved runs (fresh process each)")
+    print(f"copy bandwidth (read + write), {args.threads} threads: {bandwidth / 1e9:.1f} GB/s")
+    header = (f"{'model':16s}{'runner':14s}{'prefill tok/s':>14s}{'decode tok/s':>14s}"
+              f"{'peak RSS MiB':>14s}{'weights GB/s':>14s}")
+    print(header)
+    ratio_lines = []
+    for name, by_runner in results["cases"].items():
+        row = {}
+        for runner, runs in by_runner.items():
+            prefill, decode = median(runs, "prefill_tps"), median(runs, "decode_tps")
+            rss = median(runs, "peak_rss")
+            gbps = decode * runs[0]["weight_bytes_per_token"] / 1e9
+            row[runner] = (prefill, decode, rss, gbps)
+            print(f"{name:16s}{runner:14s}{prefill:14.1f}{decode:14.2f}{rss / 2**20:14.0f}"
+                  f"{gbps:14.1f}")
+        if "llama.cpp" in row:
+            e, l = row["engine"], row["llama.cpp"]
+            ratio_lines.append(f"{name:16s} engine/llama.cpp: prefill {e[0] / l[0]:.2f}x, decode "
+                               f"{e[1] / l[1]:.2f}x, peak RSS {e[2] / l[2]:.2f}x; engine decode "
+                               f"reads weights at {e[3] / (bandwidth / 1e9):.0%} of the copy "
+                               f"bandwidth")
+    for name, by_batch in results["batched"].items():
+        base = median(results["cases"][name]["engine"], "decode_tps")
+        for batch, runs in sorted(by_batch.items()):
+            tps = median(runs, "decode_tps")
+            ratio_lines.append(f"{name:16s} engine batched decode, {batch} sequences: {tps:.1f} "
+                               f"tok/s = {tps / base:.1f}x batch 1")
+    print()
+    for line in ratio_lines:
+        print(line)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results["batched"])
+    fig, axes = plt.subplots(1, max(1, len(names)), figsize=(6 * max(1, len(names)), 4.5))
+    axes = np.atleast_1d(axes)
+    for ax, name in zip(axes, names):
+        by_runner = results["cases"][name]
+        batches = [1] + sorted(results["batched"][name])
+        tps = [median(by_runner["engine"], "decode_tps")] + [
+            median(results["batched"][name][b], "decode_tps") for b in batches[1:]]
+        ax.plot(batches, tps, "o-", label="engine")
+        for runner, marker in (("llama.cpp", "s"), ("transformers", "^")):
+            if runner in by_runner:
+                ax.plot([1], [median(by_runner[runner], "decode_tps")], marker, markersize=9,
+                        label=f"{runner} (batch 1)")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlabel("sequences decoded together")
+        ax.set_ylabel("generated tokens/s")
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"decode throughput, {setup.machine_line()}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--setup", action="store_true", help="build llama-cpp-python, make models")
+    parser.add_argument("--models", default="smollm2,llama1b")
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peer-repeats", type=int, default=1, help="transformers runs per case")
+    parser.add_argument("--no-transformers", action="store_true")
+    parser.add_argument("--batches", type=int, nargs="*", default=[16, 64])
+    parser.add_argument("--batch-new-tokens", type=int, default=64)
+    parser.add_argument("--batch-repeats", type=int, default=1)
+    parser.add_argument("--json", default="bench_cpu.json", help="raw results")
+    parser.add_argument("--plot", default="bench_cpu.png")
+    args = parser.parse_args()
+    if args.setup:
+        setup.run_setup()
+        return 0
+    setup.require_setup()
+    started = time.time()
+    results = measure(args)
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=1)
+    report(results, args)
+    if results["batched"]:
+        plot(results, args.plot)
+    print(f"({time.time() - started:.0f} s; platform {platform.platform()})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+// Internal to the quantised matmul kernels (quant_matmul*.cpp): the validated
+// arguments, the activation blocks, the per-ISA entry points, and the blocking
+// driver every ISA shares.
+//
+// x is quantised on the fly, per token row, to q8 blocks of 32 values (as llama.cpp's
+// vec_dot does): d = max|x| / 127, q = round-to-nearest-even(x / d) in [-127, 127], so
+// that each weight block meets its activation block in an integer dot product. A block
+// holding NaN or an infinity gets d = NaN, which makes its whole output row NaN.
+//
+// Each kernel file defines a Kernel policy in its own anonymous namespace (code compiled
+// for AVX-512 must never stand in for baseline code at link time):
+//
+//   struct Kernel {
+//     template <QuantFormat F> static constexpr int rows();        // weight rows per tile
+//     template <QuantFormat F> static constexpr int tokens();      // tokens per tile (> 1)
+//     static constexpr int kGemvRows;                              // rows per tile, 1 token
+//     // out[(t0 + c) * os + n0 + r] = (accumulate ? out : bias ? bias[n0 + r] : 0)
+//     //     + sum over values [k0, k0 + k_len) of w[n0 + r] * x[t0 + c]
+//     template <QuantFormat F, int R, int C>
+//     static void tile(const QuantArgs& a, const ActBlocks& x, int64_t t0, int64_t n0,
+//                      int64_t k0, int64_t k_len, bool accumulate);
+//     static void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* s);
+//   };
+//
+// Every (row, token) pair is computed by the same sequence of operations whatever the
+// tile shape, and K is cut into the same blocks for one token as for many, so a row's
+// result does not depend on the batch it is in.
+#pragma once
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "engine/convert.h"
+#include "engine/ops.h"
+
+namespace engine {
+namespace quant_detail {
+
+constexpr int kActBlock = 32;  // values per activation block
+
+// After validation: every pointer is valid for the extents below, out overlaps nothing,
+// num_tokens, out_features > 0 and in_features is a positive multiple of the block size.
+struct QuantArgs {
+  const float* x;        // [num_tokens, in_features], row stride x_row_stride
+  int64_t x_row_stride;
+  const uint8_t* w;      // [out_features, w_row_bytes] contiguous blocks
+  int64_t w_row_bytes;
+  QuantFormat format;
+  const float* bias;     // [out_features] or nullptr
+  float* out;            // [num_tokens, out_features], row stride out_row_stride
+  int64_t out_row_stride;
+  int64_t num_tokens;
+  int64_t in_features;
+  int64_t out_features;
+};
+
+// x quantised to q8 blocks; nb = in_features / 32 blocks per token row.
+struct ActBlocks {
+  int8_t* q;  // [num_tokens, in_features]
+  float* d;   // [num_tokens, nb]: each block's scale (NaN where x was not finite)
+  float* s;   // [num_tokens, nb]: d * sum(q), what a weight block's min multiplies
+};
+
+void quant_matmul_portable(const QuantArgs& a, const ActBlocks& x);
+#if defined(ENGINE_X86)
+void quant_matmul_avx2(const QuantArgs& a, const ActBlocks& x);
+void quant_matmul_avx512_vnni(const QuantArgs& a, const ActBlocks& x);
+#endif
+
+namespace {
+
+inline float half_to_float(const uint8_t* p) {  // little-endian f16 at any alignment
+  return f16_to_f32(static_cast<uint16_t>(p[0] | (p[1] << 8)));
+}
+
+// Cache blocking: a tile's C token rows of q8 blocks over kBlockK values stay in L1,
+// a block of kBlockTokens token rows in L2 while a chunk of about kChunkBytes of weight
+// rows meets all of them.
+constexpr int64_t kBlockK = 2048;
+constexpr int64_t kBlockTokens = 64;
+constexpr int64_t kChunkBytes = 96 * 1024;
+// Below this many multiply-adds a parallel region costs more than it saves.
+constexpr double kMinParallelWork = 64.0 * 1024;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Kernel::tile<F, R, C> for the runtime token count c in [1, C].
+template <class Kernel, QuantFormat F, int R, int C>
+inline void tile_upto(int c, const QuantArgs& a, const ActBlocks& x, int64_t t0, int64_t n0,
+                      int64_t k0, int64_t k_len, bool accumulate) {
+  if constexpr (C > 1) {
+    if (c < C) {
+      tile_upto<Kernel, F, R, C - 1>(c, a, x, t0, n0, k0, k_len, accumulate);
+      return;
+    }
+  }
+  Kernel::template tile<F, R, C>(a, x, t0, n0, k0, k_len, accumulate);
+}
+
+// One token (decode): stream each weight row once, R rows at a time.
+template <class Kernel, QuantFormat F>
+void gemv_rows(const QuantArgs& a, const ActBlocks& x, int64_t n0, int64_t n1) {
+  constexpr int R = Kernel::kGemvRows;
+  const int64_t k_total = a.in_features;
+  int64_t n = n0;
+  for (; n + R <= n1; n += R)
+    for (int64_t k0 = 0; k0 < k_total; k0 += kBlockK)
+      Kernel::template tile<F, R, 1>(a, x, 0, n, k0, std::min(kBlockK, k_total - k0), k0 > 0);
+  for (; n < n1; ++n)
+    for (int64_t k0 = 0; k0 < k_total; k0 += kBlockK)
+      Kernel::template tile<F, 1, 1>(a, x, 0, n, k0, std::min(kBlockK, k_total - k0), k0 > 0);
+}
+
+// Many tokens: token blocks, weight chunks, K blocks, then register tiles.
+template <class Kernel, QuantFormat F>
+void gemm_rows(const QuantArgs& a, const ActBlocks& x, int64_t n0, int64_t n1) {
+  constexpr int R = Kernel::template rows<F>();
+  constexpr int C = Kernel::template tokens<F>();
+  const int64_t k_total = a.in_features;
+  const int64_t block_k = std::min(kBlockK, k_total);
+  const int64_t block_bytes = a.w_row_bytes * block_k / k_total;
+  const int64_t chunk_rows = std::max<int64_t>(R, kChunkBytes / block_bytes / R * R);
+  for (int64_t t0 = 0; t0 < a.num_tokens; t0 += kBlockTokens) {
+    const int64_t t1 = std::min(a.num_tokens, t0 + kBlockTokens);
+    for (int64_t c0 = n0; c0 < n1; c0 += chunk_rows) {
+      const int64_t c1 = std::min(n1, c0 + chunk_rows);
+      for (int64_t k0 = 0; k0 < k_total; k0 += block_k) {
+        const int64_t k_len = std::min(block_k, k_total - k0);
+        for (int64_t t = t0; t < t1; t += C) {
+          const int c = static_cast<int>(std::min<int64_t>(C, t1 - t));
+          int64_t n = c0;
+          for (; n + R <= c1; n += R)
+            tile_upto<Kernel, F, R, C>(c, a, x, t, n, k0, k_len, k0 > 0);
+          for (; n < c1; ++n) tile_upto<Kernel, F, 1, C>(c, a, x, t, n, k0, k_len, k0 > 0);
+        }
+      }
+    }
+  }
+}
+
+// One parallel region: the threads quantise the token rows, then each computes one
+// contiguous range of output rows (decode splits the weight stream, prefill the work).
+template <class Kernel, QuantFormat F>
+void run_format(const QuantArgs& a, const ActBlocks& x) {
+  constexpr int kAlign = 4;
+  const int64_t k_total = a.in_features, nb = k_total / kActBlock;
+  const int64_t num_threads = std::max(1, omp_get_max_threads());
+  const int64_t part_rows = ceil_div(ceil_div(a.out_features, num_threads), kAlign) * kAlign;
+  const int64_t num_parts = ceil_div(a.out_features, part_rows);
+  const double work = static_cast<double>(a.num_tokens) * a.out_features * k_total;
+#pragma omp parallel if (work >= kMinParallelWork && num_parts > 1)
+  {
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < a.num_tokens; ++t)
+      Kernel::quantize_row(a.x + t * a.x_row_stride, k_total, x.q + t * k_total, x.d + t * nb,
+                           x.s + t * nb);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < num_parts; ++i) {
+      const int64_t n0 = i * part_rows, n1 = std::min(a.out_features, n0 + part_rows);
+      if (a.num_tokens == 1)
+        gemv_rows<Kernel, F>(a, x, n0, n1);
+      else
+        gemm_rows<Kernel, F>(a, x, n0, n1);
+    }
+  }
+}
+
+template <class Kernel>
+void run_any(const QuantArgs& a, const ActBlocks& x) {
+  switch (a.format) {
+    case QuantFormat::q8_0: return run_format<Kernel, QuantFormat::q8_0>(a, x);
+    case QuantFormat::q4_0: return run_format<Kernel, QuantFormat::q4_0>(a, x);
+    case QuantFormat::q4_1: return run_format<Kernel, QuantFormat::q4_1>(a, x);
+    case QuantFormat::q4_k: return run_format<Kernel, QuantFormat::q4_k>(a, x);
+    case QuantFormat::q6_k: return run_format<Kernel, QuantFormat::q6_k>(a, x);
+  }
+}
+
+}  // namespace
+}  // namespace quant_detail
+}  // namespace engine

@@ -1,0 +1,292 @@
+// quant_matmul: out = x @ dequantise(w)^T (+ bias) on GGUF blocks. The launcher validates,
+// owns the activation scratch and dispatches on the instruction set; the portable kernel
+// (plain C++) lives here, the intrinsics kernels in quant_matmul_avx2.cpp and
+// quant_matmul_avx512.cpp. All share the driver in quant_kernels.h.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "engine/check.h"
+#include "engine/isa.h"
+#include "engine/ops.h"
+#include "quant_kernels.h"
+
+namespace engine {
+
+// ---- formats ---------------------------------------------------------------------
+
+namespace {
+
+struct FormatInfo {
+  const char* name;
+  int64_t block_values;
+  int64_t block_bytes;
+};
+
+constexpr FormatInfo kFormats[] = {
+    {"q8_0", 32, 34}, {"q4_0", 32, 18}, {"q4_1", 32, 20}, {"q4_k", 256, 144}, {"q6_k", 256, 210}};
+
+const FormatInfo& info(QuantFormat f) { return kFormats[static_cast<int>(f)]; }
+
+}  // namespace
+
+QuantFormat parse_quant_format(const std::string& name) {
+  for (int i = 0; i < 5; ++i)
+    if (name == kFormats[i].name) return static_cast<QuantFormat>(i);
+  throw std::invalid_argument("unknown quantisation format '" + name +
+                              "', expected q8_0, q4_0, q4_1, q4_k or q6_k");
+}
+
+const char* quant_format_name(QuantFormat f) { return info(f).name; }
+int64_t quant_block_values(QuantFormat f) { return info(f).block_values; }
+int64_t quant_block_bytes(QuantFormat f) { return info(f).block_bytes; }
+
+namespace quant_detail {
+namespace {
+
+// ---- portable kernel ---------------------------------------------------------------
+
+// One group of 32 weight values as integers with one scale and one min:
+// w[i] = scale * q[i] + min (q6_k folds its two 16-value scales into q).
+struct Group {
+  int16_t q[32];
+  float scale;
+  float min;
+};
+
+// The 6-bit scale and min of q4_k sub-block j (ggml's get_scale_min_k4).
+inline void q4_k_scale_min(const uint8_t* s, int j, int* sc, int* m) {
+  if (j < 4) {
+    *sc = s[j] & 63;
+    *m = s[j + 4] & 63;
+  } else {
+    *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+    *m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+  }
+}
+
+// Group g (values 32g .. 32g + 31) of a weight row.
+template <QuantFormat F>
+void load_group(const uint8_t* row, int64_t g, Group& out) {
+  if constexpr (F == QuantFormat::q8_0) {
+    const uint8_t* b = row + g * 34;
+    out.scale = half_to_float(b), out.min = 0.0f;
+    for (int i = 0; i < 32; ++i) out.q[i] = static_cast<int8_t>(b[2 + i]);
+  } else if constexpr (F == QuantFormat::q4_0 || F == QuantFormat::q4_1) {
+    const bool has_min = F == QuantFormat::q4_1;
+    const uint8_t* b = row + g * (has_min ? 20 : 18);
+    const uint8_t* qs = b + (has_min ? 4 : 2);
+    const int offset = has_min ? 0 : 8;
+    out.scale = half_to_float(b), out.min = has_min ? half_to_float(b + 2) : 0.0f;
+    for (int i = 0; i < 16; ++i) {
+      out.q[i] = static_cast<int16_t>((qs[i] & 0xF) - offset);
+      out.q[i + 16] = static_cast<int16_t>((qs[i] >> 4) - offset);
+    }
+  } else if constexpr (F == QuantFormat::q4_k) {
+    const uint8_t* b = row + (g / 8) * 144;
+    const int j = static_cast<int>(g % 8);  // sub-block: nibbles of 32-byte chunk j / 2
+    int sc, m;
+    q4_k_scale_min(b + 4, j, &sc, &m);
+    out.scale = half_to_float(b) * static_cast<float>(sc);
+    out.min = -half_to_float(b + 2) * static_cast<float>(m);
+    const uint8_t* qs = b + 16 + 32 * (j / 2);
+    const int shift = 4 * (j % 2);
+    for (int i = 0; i < 32; ++i) out.q[i] = static_cast<int16_t>((qs[i] >> shift) & 0xF);
+  } else {  // q6_k
+    const uint8_t* b = row + (g / 8) * 210;
+    const int j = static_cast<int>(g % 8), half = j / 4, part = j % 4;
+    const uint8_t* ql = b + 64 * half + 32 * (part % 2);
+    const uint8_t* qh = b + 128 + 32 * half;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192) + 8 * half + 2 * part;
+    out.scale = half_to_float(b + 208), out.min = 0.0f;
+    for (int i = 0; i < 32; ++i) {
+      const int lo = (ql[i] >> (4 * (part / 2))) & 0xF, hi = (qh[i] >> (2 * part)) & 3;
+      out.q[i] = static_cast<int16_t>(((lo | (hi << 4)) - 32) * sc[i / 16]);
+    }
+  }
+}
+
+struct PortableKernel {
+  template <QuantFormat F> static constexpr int rows() { return 1; }
+  template <QuantFormat F> static constexpr int tokens() { return 4; }
+  static constexpr int kGemvRows = 1;
+
+  template <QuantFormat F, int R, int C>
+  static void tile(const QuantArgs& a, const ActBlocks& x, int64_t t0, int64_t n0, int64_t k0,
+                   int64_t k_len, bool accumulate) {
+    static_assert(R == 1, "the portable kernel works one weight row at a time");
+    const int64_t k_total = a.in_features, nb = k_total / kActBlock;
+    const uint8_t* row = a.w + n0 * a.w_row_bytes;
+    float acc[C] = {};
+    Group grp;
+    for (int64_t g = k0 / 32; g < (k0 + k_len) / 32; ++g) {
+      load_group<F>(row, g, grp);
+      for (int c = 0; c < C; ++c) {
+        const int8_t* xq = x.q + (t0 + c) * k_total + g * 32;
+        int32_t dot = 0;
+        for (int i = 0; i < 32; ++i) dot += grp.q[i] * xq[i];
+        const int64_t xb = (t0 + c) * nb + g;
+        acc[c] += grp.scale * x.d[xb] * static_cast<float>(dot) + grp.min * x.s[xb];
+      }
+    }
+    for (int c = 0; c < C; ++c) {
+      float& o = a.out[(t0 + c) * a.out_row_stride + n0];
+      o = (accumulate ? o : a.bias ? a.bias[n0] : 0.0f) + acc[c];
+    }
+  }
+
+  static void quantize_row(const float* x, int64_t k, int8_t* q, float* d, float* s) {
+    for (int64_t b = 0; b < k / kActBlock; ++b) {
+      const float* xb = x + b * kActBlock;
+      float amax = 0.0f;
+      bool finite = true;
+      for (int i = 0; i < kActBlock; ++i) {
+        const float v = std::fabs(xb[i]);
+        finite = finite && v <= std::numeric_limits<float>::max();
+        amax = std::max(amax, v);
+      }
+      const float db = amax / 127.0f, inv = db != 0.0f ? 1.0f / db : 0.0f;
+      int32_t sum = 0;
+      for (int i = 0; i < kActBlock; ++i) {
+        const int32_t v = finite ? static_cast<int32_t>(std::nearbyint(xb[i] * inv)) : 0;
+        q[b * kActBlock + i] = static_cast<int8_t>(v);
+        sum += v;
+      }
+      d[b] = finite ? db : std::numeric_limits<float>::quiet_NaN();
+      s[b] = d[b] * static_cast<float>(sum);
+    }
+  }
+};
+
+}  // namespace
+
+void quant_matmul_portable(const QuantArgs& a, const ActBlocks& x) { run_any<PortableKernel>(a, x); }
+
+}  // namespace quant_detail
+
+// ---- launcher ----------------------------------------------------------------------
+
+namespace {
+
+constexpr const char* kOp = "quant_matmul";
+
+bool has_vnni() {
+#if defined(ENGINE_X86) && (defined(__GNUC__) || defined(__clang__))
+  static const bool yes = __builtin_cpu_supports("avx512vnni");
+  return yes;
+#else
+  return false;
+#endif
+}
+
+// The bytes [begin, end) a 2-D view can touch (empty if it has no elements).
+bool overlaps(const TensorView& a, const TensorView& b) {
+  auto span = [](const TensorView& t, const char** lo, const char** hi) {
+    *lo = *hi = static_cast<const char*>(t.data);
+    if (t.numel() == 0) return;
+    int64_t last = 0;
+    for (int i = 0; i < t.ndim; ++i) last += (t.shape[i] - 1) * t.strides[i];
+    *hi = *lo + (last + 1) * dtype_size(t.dtype);
+  };
+  const char *a0, *a1, *b0, *b1;
+  span(a, &a0, &a1);
+  span(b, &b0, &b1);
+  return a0 < b1 && b0 < a1;
+}
+
+void validate(const TensorView& x, const TensorView& w, QuantFormat format,
+              const TensorView& bias, const TensorView& out) {
+  check(x.dtype == DType::f32 && x.ndim == 2, kOp,
+        "x must be float32 [num_tokens, in_features], got " + x.describe());
+  check_row_contiguous(x, kOp, "x");
+  const int64_t num_tokens = x.shape[0], in_features = x.shape[1];
+  const int64_t block_values = quant_block_values(format);
+  const std::string fmt = quant_format_name(format);
+  check(in_features > 0 && in_features % block_values == 0, kOp,
+        "x: in_features must be a positive multiple of " + std::to_string(block_values) +
+            " (the " + fmt + " block), got " + std::to_string(in_features));
+  const int64_t row_bytes = in_features / block_values * quant_block_bytes(format);
+  check(w.dtype == DType::u8 && w.ndim == 2 && w.shape[1] == row_bytes, kOp,
+        "w must be uint8 [out_features, " + std::to_string(row_bytes) + "] (" +
+            std::to_string(in_features) + " values in " + fmt + " blocks), got " + w.describe());
+  if (w.numel() > 0) check_contiguous(w, kOp, "w");
+  const int64_t out_features = w.shape[0];
+  const std::string n_str = std::to_string(out_features);
+  if (present(bias)) {
+    check(bias.dtype == DType::f32 && bias.ndim == 1 && bias.shape[0] == out_features, kOp,
+          "bias must be float32 [" + n_str + "], got " + bias.describe());
+    check_contiguous(bias, kOp, "bias");
+  }
+  check(out.dtype == DType::f32 && out.ndim == 2 && out.shape[0] == num_tokens &&
+            out.shape[1] == out_features,
+        kOp,
+        "out must be float32 [" + std::to_string(num_tokens) + ", " + n_str + "], got " +
+            out.describe());
+  check_row_contiguous(out, kOp, "out");
+  check(num_tokens <= 1 || out_features == 0 || out.strides[0] >= out_features, kOp,
+        "out rows overlap: row stride " + std::to_string(out.strides[0]) + " < " + n_str);
+  check(!overlaps(out, x), kOp, "out must not overlap x");
+  check(!overlaps(out, w), kOp, "out must not overlap w");
+  check(!present(bias) || !overlaps(out, bias), kOp, "out must not overlap bias");
+}
+
+// Grow-only scratch for the quantised activations of the calling thread.
+struct Scratch {
+  std::vector<int8_t> q;
+  std::vector<float> d, s;
+};
+
+}  // namespace
+
+std::string quant_kernel() {
+  switch (current_isa()) {
+    case Isa::avx512: return has_vnni() ? "avx512_vnni" : "avx2";
+    case Isa::avx2: return "avx2";
+    default: return "portable";
+  }
+}
+
+void quant_matmul(const TensorView& x, const TensorView& w, const std::string& format,
+                  const TensorView& bias, const TensorView& out) {
+  QuantFormat f;
+  try {
+    f = parse_quant_format(format);
+  } catch (const std::invalid_argument& e) {
+    fail(kOp, std::string("format: ") + e.what());
+  }
+  validate(x, w, f, bias, out);
+  quant_detail::QuantArgs a;
+  a.x = x.ptr<const float>();
+  a.x_row_stride = x.strides[0];
+  a.w = w.ptr<const uint8_t>();
+  a.w_row_bytes = w.shape[1];
+  a.format = f;
+  a.bias = present(bias) ? bias.ptr<const float>() : nullptr;
+  a.out = out.ptr<float>();
+  a.out_row_stride = out.strides[0];
+  a.num_tokens = x.shape[0];
+  a.in_features = x.shape[1];
+  a.out_features = w.shape[0];
+  if (a.num_tokens == 0 || a.out_features == 0) return;
+
+  thread_local Scratch scratch;
+  const size_t num_values = static_cast<size_t>(a.num_tokens * a.in_features);
+  if (scratch.q.size() < num_values) scratch.q.resize(num_values);
+  if (scratch.d.size() < num_values / 32) {
+    scratch.d.resize(num_values / 32);
+    scratch.s.resize(num_values / 32);
+  }
+  const quant_detail::ActBlocks acts{scratch.q.data(), scratch.d.data(), scratch.s.data()};
+
+  const std::string kernel = quant_kernel();
+#if defined(ENGINE_X86)
+  if (kernel == "avx512_vnni") return quant_detail::quant_matmul_avx512_vnni(a, acts);
+  if (kernel == "avx2") return quant_detail::quant_matmul_avx2(a, acts);
+#endif
+  quant_detail::quant_matmul_portable(a, acts);
+}
+
+}  // namespace engine

@@ -1,0 +1,149 @@
+"""Weights kept in GGUF block formats, the bits llama.cpp reads.
+
+A `QuantizedWeight` is a [out_features, row_bytes] uint8 array of blocks laid along
+in_features, plus the format's name; `ops.matmul` and `ops.embedding` run it natively
+(`_C.quant_matmul`, `_C.quant_embedding`). A `RowStack` stacks weights of different
+formats by rows (a fused QKV whose V is Q6_K while Q and K are Q4_K), run part by part.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# name -> (values per block, bytes per block, GGML type id)
+FORMATS = {
+    "q8_0": (32, 34, 8),
+    "q4_0": (32, 18, 2),
+    "q4_1": (32, 20, 3),
+    "q4_k": (256, 144, 12),
+    "q6_k": (256, 210, 14),
+}
+# What engine can quantise a float weight to at load time (gguf's numpy quantisers).
+QUANTIZABLE = ("q8_0", "q4_0", "q4_1")
+
+
+def format_of_ggml_type(ggml_type: int) -> str | None:
+    """"q4_k" for GGML type 12, None for a type the kernels do not run."""
+    for name, (_, _, type_id) in FORMATS.items():
+        if type_id == int(ggml_type):
+            return name
+    return None
+
+
+def row_bytes(format: str, in_features: int) -> int:
+    """Bytes of one row of in_features values; ValueError if they do not fill whole blocks."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown quantisation format {format!r}; expected one of "
+                         f"{', '.join(FORMATS)}")
+    block_values, block_bytes, _ = FORMATS[format]
+    if in_features <= 0 or in_features % block_values:
+        raise ValueError(f"{format}: in_features must be a positive multiple of {block_values}, "
+                         f"got {in_features}")
+    return in_features // block_values * block_bytes
+
+
+class QuantizedWeight:
+    """A [out_features, in_features] weight stored as GGUF blocks.
+
+    Args:
+        data: [out_features, row_bytes] uint8, C-contiguous (a view of a memory-mapped file
+            is fine).
+        format: "q8_0", "q4_0", "q4_1", "q4_k" or "q6_k".
+        in_features: values per row.
+    """
+
+    __slots__ = ("data", "format", "in_features")
+
+    def __init__(self, data: np.ndarray, format: str, in_features: int):
+        expected = row_bytes(format, in_features)
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+                and data.shape[1] == expected and data.flags.c_contiguous):
+            got = (f"{data.dtype} {data.shape}" if isinstance(data, np.ndarray)
+                   else type(data).__name__)
+            raise ValueError(f"QuantizedWeight: data must be C-contiguous uint8 [rows, {expected}] "
+                             f"({in_features} values of {format}), got {got}")
+        self.data, self.format, self.in_features = data, format, int(in_features)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The logical (out_features, in_features)."""
+        return (self.data.shape[0], self.in_features)
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The storage dtype (uint8 blocks)."""
+        return self.data.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+    def __repr__(self) -> str:
+        return f"QuantizedWeight({self.format}, shape={self.shape})"
+
+    def dequantize(self) -> np.ndarray:
+        """float32 [out_features, in_features], with gguf's numpy dequantisers."""
+        from gguf.quants import dequantize
+
+        type_id = FORMATS[self.format][2]
+        return np.asarray(dequantize(self.data, type_id), np.float32).reshape(self.shape)
+
+    @classmethod
+    def quantize(cls, w: np.ndarray, format: str) -> "QuantizedWeight":
+        """Quantise a float [rows, in_features] weight as llama.cpp's converter does.
+
+        Args:
+            w: float32, float16 or bfloat16.
+            format: one of QUANTIZABLE.
+        """
+        from gguf.quants import quantize
+
+        if format not in QUANTIZABLE:
+            raise ValueError(f"engine can quantise to {', '.join(QUANTIZABLE)}, not {format!r}")
+        if w.ndim != 2:
+            raise ValueError(f"quantize: expected a 2-D weight, got shape {w.shape}")
+        row_bytes(format, w.shape[1])
+        rows = []
+        for start in range(0, w.shape[0], 1024):  # bounded float32 temporaries
+            part = np.asarray(w[start:start + 1024], dtype=np.float32)
+            rows.append(quantize(part, FORMATS[format][2]))
+        return cls(np.ascontiguousarray(np.concatenate(rows)), format, w.shape[1])
+
+    def take_rows(self, order: np.ndarray) -> "QuantizedWeight":
+        """The rows in the given order (a copy): whole rows, so blocks stay intact."""
+        return QuantizedWeight(np.ascontiguousarray(self.data[order]), self.format,
+                               self.in_features)
+
+
+class RowStack:
+    """Weights stacked by rows without a common format; matmul runs each into its columns."""
+
+    def __init__(self, parts: list):
+        in_features = {p.shape[1] for p in parts}
+        if len(in_features) != 1:
+            raise ValueError(f"RowStack: parts have different in_features {sorted(in_features)}")
+        self.parts = list(parts)
+        self.bounds = np.cumsum([0] + [p.shape[0] for p in parts]).tolist()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.bounds[-1], self.parts[0].shape[1])
+
+    @property
+    def dtype(self) -> np.dtype:
+        return np.dtype(self.parts[0].dtype)
+
+
+def stack_rows(parts: list):
+    """Row-concatenate weights: one array, one QuantizedWeight (same format), or a RowStack.
+
+    Args:
+        parts: numpy arrays and/or QuantizedWeights with the same in_features.
+    """
+    if all(isinstance(p, np.ndarray) for p in parts):
+        return np.concatenate(parts)
+    formats = {p.format if isinstance(p, QuantizedWeight) else None for p in parts}
+    if len(formats) == 1 and None not in formats:
+        return QuantizedWeight(np.concatenate([p.data for p in parts]), parts[0].format,
+                               parts[0].in_features)
+    return RowStack(parts)
