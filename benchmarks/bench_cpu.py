@@ -102,19 +102,20 @@ def report(results: dict, args) -> None:
     ratio_lines = []
     for name, by_runner in results["cases"].items():
         row = {}
+        weight_bytes = by_runner["engine"][0]["weight_bytes_per_token"]  # the same weights
         for runner, runs in by_runner.items():
             prefill, decode = median(runs, "prefill_tps"), median(runs, "decode_tps")
             rss = median(runs, "peak_rss")
-            gbps = decode * runs[0]["weight_bytes_per_token"] / 1e9
+            gbps = decode * weight_bytes / 1e9 if runner != "transformers" else float("nan")
             row[runner] = (prefill, decode, rss, gbps)
             print(f"{name:16s}{runner:14s}{prefill:14.1f}{decode:14.2f}{rss / 2**20:14.0f}"
                   f"{gbps:14.1f}")
         if "llama.cpp" in row:
             e, l = row["engine"], row["llama.cpp"]
             ratio_lines.append(f"{name:16s} engine/llama.cpp: prefill {e[0] / l[0]:.2f}x, decode "
-                               f"{e[1] / l[1]:.2f}x, peak RSS {e[2] / l[2]:.2f}x; engine decode "
-                               f"reads weights at {e[3] / (bandwidth / 1e9):.0%} of the copy "
-                               f"bandwidth")
+                               f"{e[1] / l[1]:.2f}x, peak RSS {e[2] / l[2]:.2f}x; decode reads "
+                               f"weights at {e[3] / (bandwidth / 1e9):.0%} (engine), "
+                               f"{l[3] / (bandwidth / 1e9):.0%} (llama.cpp) of the copy bandwidth")
     for name, by_batch in results["batched"].items():
         base = median(results["cases"][name]["engine"], "decode_tps")
         for batch, runs in sorted(by_batch.items()):

@@ -53,14 +53,14 @@ def machine_line() -> str:
 
 def llama_cpp_version() -> str:
     dist = list(SITE.glob("llama_cpp_python-*.dist-info"))
-    return dist[0].name.split("-")[1] if dist else "missing"
+    return dist[0].name[:-len(".dist-info")].split("-")[1] if dist else "missing"
 
 
 def copy_bandwidth(threads: int, size: int = 1 << 30) -> float:
     """Bytes read + written per second by `threads` threads copying 1 GiB, best of 3."""
     src, dst = np.ones(size, np.uint8), np.ones(size, np.uint8)  # both already touched
-    chunks = np.array_split(np.arange(size, dtype=np.int64)[::1 << 20], threads)
-    spans = [(int(c[0]), int(c[-1]) + (1 << 20)) for c in chunks if len(c)]
+    step = size // threads
+    spans = [(i * step, size if i == threads - 1 else (i + 1) * step) for i in range(threads)]
     best = 0.0
     for _ in range(3):
         workers = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in spans]

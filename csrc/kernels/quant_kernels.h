@@ -1,14 +1,15 @@
 // Internal to the quantised matmul kernels (quant_matmul*.cpp): the validated
 // arguments, the activation blocks, the per-ISA entry points, and the blocking
-// driver every ISA shares.
+// driver the portable and AVX2 kernels share. (The AVX-512 VNNI kernels lay x out
+// their own way, tokens in vector lanes: quant_avx512.h.)
 //
 // x is quantised on the fly, per token row, to q8 blocks of 32 values (as llama.cpp's
 // vec_dot does): d = max|x| / 127, q = round-to-nearest-even(x / d) in [-127, 127], so
 // that each weight block meets its activation block in an integer dot product. A block
 // holding NaN or an infinity gets d = NaN, which makes its whole output row NaN.
 //
-// Each kernel file defines a Kernel policy in its own anonymous namespace (code compiled
-// for AVX-512 must never stand in for baseline code at link time):
+// The portable and AVX2 files each define a Kernel policy in its own anonymous namespace
+// (code compiled for an ISA must never stand in for baseline code at link time):
 //
 //   struct Kernel {
 //     template <QuantFormat F> static constexpr int rows();        // weight rows per tile
@@ -66,7 +67,8 @@ struct ActBlocks {
 void quant_matmul_portable(const QuantArgs& a, const ActBlocks& x);
 #if defined(ENGINE_X86)
 void quant_matmul_avx2(const QuantArgs& a, const ActBlocks& x);
-void quant_matmul_avx512_vnni(const QuantArgs& a, const ActBlocks& x);
+void quant_matmul_avx512_vnni(const QuantArgs& a);  // quantises x into its own tile layout
+void quant_gemv_avx512_vnni(const QuantArgs& a);    // one token; the same bits per row
 #endif
 
 namespace {

@@ -1,7 +1,8 @@
-// quant_matmul: out = x @ dequantise(w)^T (+ bias) on GGUF blocks. The launcher validates,
-// owns the activation scratch and dispatches on the instruction set; the portable kernel
-// (plain C++) lives here, the intrinsics kernels in quant_matmul_avx2.cpp and
-// quant_matmul_avx512.cpp. All share the driver in quant_kernels.h.
+// quant_matmul: out = x @ dequantise(w)^T (+ bias) on GGUF blocks. The launcher validates
+// and dispatches on the instruction set; the portable kernel (plain C++) lives here, the
+// intrinsics kernels in quant_matmul_avx2.cpp (sharing the driver in quant_kernels.h) and,
+// for AVX-512 with VNNI, quant_matmul_avx512.cpp (many tokens) and quant_gemv_avx512.cpp
+// (one token).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -272,6 +273,10 @@ void quant_matmul(const TensorView& x, const TensorView& w, const std::string& f
   a.out_features = w.shape[0];
   if (a.num_tokens == 0 || a.out_features == 0) return;
 
+  const std::string kernel = quant_kernel();
+#if defined(ENGINE_X86)
+  if (kernel == "avx512_vnni") return quant_detail::quant_matmul_avx512_vnni(a);
+#endif
   thread_local Scratch scratch;
   const size_t num_values = static_cast<size_t>(a.num_tokens * a.in_features);
   if (scratch.q.size() < num_values) scratch.q.resize(num_values);
@@ -281,9 +286,7 @@ void quant_matmul(const TensorView& x, const TensorView& w, const std::string& f
   }
   const quant_detail::ActBlocks acts{scratch.q.data(), scratch.d.data(), scratch.s.data()};
 
-  const std::string kernel = quant_kernel();
 #if defined(ENGINE_X86)
-  if (kernel == "avx512_vnni") return quant_detail::quant_matmul_avx512_vnni(a, acts);
   if (kernel == "avx2") return quant_detail::quant_matmul_avx2(a, acts);
 #endif
   quant_detail::quant_matmul_portable(a, acts);

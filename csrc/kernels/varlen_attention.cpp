@@ -206,13 +206,14 @@ void varlen_attention(const TensorView& q, const TensorView& k, const TensorView
                head_dim, num_heads / k.size(1), static_cast<float>(scale), causal};
   Plan& p = thread_plan();
   p.items.clear();
+  const int64_t num_kv_heads = k.size(1);
   int64_t max_len = 0;
   double work = 0.0;
   for (int64_t s = 0; s + 1 < query_start_loc.size(0); ++s) {
     const int64_t begin = at(query_start_loc, s), len = at(query_start_loc, s + 1) - begin;
     max_len = len > max_len ? len : max_len;
     work += static_cast<double>(len) * len * num_heads * head_dim;
-    for (int64_t h = 0; h < num_heads; ++h)
+    for (int64_t h = 0; h < num_kv_heads; ++h)
       for (int64_t r = 0; r < len; r += kBlockRows)
         p.items.push_back({begin, len, h, r, r + kBlockRows < len ? r + kBlockRows : len});
   }

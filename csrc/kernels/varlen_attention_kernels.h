@@ -6,9 +6,10 @@
 // (and uses no std:: templates that are compiled out of line), so that copies compiled
 // with different -m flags can never be merged by the linker.
 //
-// One item is a block of query rows of one head of one sequence. Its keys are packed
-// once: K transposed to [head_dim, keys] and V to [keys, head_dim padded], so that both
-// products are register-tiled like a matmul: scores[R rows, keys] = Q K^T broadcasting
+// One item is a block of query rows of one sequence for one KV head and the query heads
+// that read it. Its keys are packed once: K transposed to [head_dim, keys] and V to
+// [keys, head_dim padded], so that both products are register-tiled like a matmul:
+// scores[R rows, keys] = Q K^T broadcasting
 // a query element against key vectors, then out[R rows, dims] = P V broadcasting a
 // probability against value vectors. Softmax runs over a whole row of scores at once
 // (the scratch holds every key of the sequence), so nothing is rescaled online.
@@ -37,18 +38,18 @@ struct Args {
   bool causal;
 };
 
-// Query rows [row_begin, row_end) (indices within the sequence) of query head `head` of
-// the sequence whose tokens are [seq_begin, seq_begin + seq_len).
+// Query rows [row_begin, row_end) (indices within the sequence) of the query heads that
+// read KV head `kv_head`, for the sequence whose tokens are [seq_begin, seq_begin + seq_len).
 struct Item {
-  int64_t seq_begin, seq_len, head, row_begin, row_end;
+  int64_t seq_begin, seq_len, kv_head, row_begin, row_end;
 };
 
 // The most floats attend_item uses of its scratch for a sequence of seq_len tokens.
 inline int64_t scratch_floats(int64_t seq_len, int64_t head_dim) {
-  constexpr int64_t kMaxWidth = 16, kMaxRows = 16;
-  const int64_t lp = (seq_len + kMaxWidth - 1) / kMaxWidth * kMaxWidth;
+  constexpr int64_t kMaxWidth = 16, kMaxRows = 16;  // the widest vector and tile of any ISA
+  const int64_t lk = (seq_len + kMaxWidth - 1) / kMaxWidth * kMaxWidth;
   const int64_t dp = (head_dim + kMaxWidth - 1) / kMaxWidth * kMaxWidth;
-  return head_dim * lp + seq_len * dp + kMaxRows * lp + kMaxRows * dp;
+  return head_dim * lk + seq_len * dp + kMaxRows * lk + kMaxRows * dp;
 }
 
 // Per-ISA instantiations (varlen_attention_avx2.cpp, varlen_attention_avx512.cpp).
@@ -181,6 +182,24 @@ inline void rows_tile_upto(int n, const Args& a, const float* const* q, float* c
   rows_tile<Ops, R>(a, q, out, limit, kt, lk, vp, dp, s, o);
 }
 
+// K of one KV head transposed to kt [dim, lk] (0 past num_keys), V to vp [num_keys, dp]
+// (0 past dim).
+inline void pack_head(const Args& a, const Item& it, int64_t num_keys, int64_t lk, int64_t dp,
+                      float* kt, float* vp) {
+  const int64_t dim = a.head_dim;
+  const float* k = a.k + it.seq_begin * a.k_token_stride + it.kv_head * a.k_head_stride;
+  const float* v = a.v + it.seq_begin * a.v_token_stride + it.kv_head * a.v_head_stride;
+  for (int64_t j = 0; j < num_keys; ++j) {
+    const float* kj = k + j * a.k_token_stride;
+    for (int64_t d = 0; d < dim; ++d) kt[d * lk + j] = kj[d];
+    const float* vj = v + j * a.v_token_stride;
+    for (int64_t d = 0; d < dim; ++d) vp[j * dp + d] = vj[d];
+    for (int64_t d = dim; d < dp; ++d) vp[j * dp + d] = 0.0f;
+  }
+  for (int64_t d = 0; d < dim; ++d)
+    for (int64_t j = num_keys; j < lk; ++j) kt[d * lk + j] = 0.0f;
+}
+
 template <class Ops>
 void attend_item(const Args& a, const Item& it, float* scratch) {
   constexpr int W = Ops::kWidth, R = Ops::kRows;
@@ -191,33 +210,22 @@ void attend_item(const Args& a, const Item& it, float* scratch) {
   float* vp = kt + dim * lk;      // [num_keys, dp]   V, 0 past dim
   float* s = vp + num_keys * dp;  // [R, lk]          scores, then probabilities
   float* o = s + R * lk;          // [R, dp]          unnormalised output rows
-
-  const int64_t kv_head = it.head / a.group;
-  const float* k = a.k + it.seq_begin * a.k_token_stride + kv_head * a.k_head_stride;
-  const float* v = a.v + it.seq_begin * a.v_token_stride + kv_head * a.v_head_stride;
-  for (int64_t j = 0; j < num_keys; ++j) {
-    const float* kj = k + j * a.k_token_stride;
-    for (int64_t d = 0; d < dim; ++d) kt[d * lk + j] = kj[d];
-    const float* vj = v + j * a.v_token_stride;
-    for (int64_t d = 0; d < dim; ++d) vp[j * dp + d] = vj[d];
-    for (int64_t d = dim; d < dp; ++d) vp[j * dp + d] = 0.0f;
-  }
-  for (int64_t d = 0; d < dim; ++d)
-    for (int64_t j = num_keys; j < lk; ++j) kt[d * lk + j] = 0.0f;
+  pack_head(a, it, num_keys, lk, dp, kt, vp);  // once for all the query heads that read it
 
   const float* q[R];
   float* out[R];
   int64_t limit[R];
-  for (int64_t r0 = it.row_begin; r0 < it.row_end; r0 += R) {
-    const int n = static_cast<int>(it.row_end - r0 < R ? it.row_end - r0 : R);
-    for (int i = 0; i < n; ++i) {
-      const int64_t t = it.seq_begin + r0 + i;
-      q[i] = a.q + t * a.q_token_stride + it.head * a.q_head_stride;
-      out[i] = a.out + t * a.out_token_stride + it.head * a.out_head_stride;
-      limit[i] = a.causal ? r0 + i + 1 : it.seq_len;
+  for (int64_t head = it.kv_head * a.group; head < (it.kv_head + 1) * a.group; ++head)
+    for (int64_t r0 = it.row_begin; r0 < it.row_end; r0 += R) {
+      const int n = static_cast<int>(it.row_end - r0 < R ? it.row_end - r0 : R);
+      for (int i = 0; i < n; ++i) {
+        const int64_t t = it.seq_begin + r0 + i;
+        q[i] = a.q + t * a.q_token_stride + head * a.q_head_stride;
+        out[i] = a.out + t * a.out_token_stride + head * a.out_head_stride;
+        limit[i] = a.causal ? r0 + i + 1 : it.seq_len;
+      }
+      rows_tile_upto<Ops, R>(n, a, q, out, limit, kt, lk, vp, dp, s, o);
     }
-    rows_tile_upto<Ops, R>(n, a, q, out, limit, kt, lk, vp, dp, s, o);
-  }
 }
 
 }  // namespace

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Iterator, Mapping
 
 import ml_dtypes
@@ -200,6 +201,18 @@ class GGUFWeights(Mapping[str, np.ndarray]):
         except NotImplementedError as e:
             raise ValueError(f"{self.file}: tensor {t.name!r}: {e}") from e
         return np.ascontiguousarray(w.reshape(shape))
+
+    def release(self, name: str) -> None:
+        """Drop this process's mapped pages of a tensor it has copied (they stay in the page
+        cache; a later access reads them back): the copy alone then counts in its memory."""
+        if self.dequantize:
+            return  # every access made a copy; nothing of the file is held
+        t = self._tensors[name]
+        raw_map = getattr(self.gguf_file.data, "_mmap", None)
+        start = -(-t.offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (t.offset + t.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+        if raw_map is not None and end > start and hasattr(mmap, "MADV_DONTNEED"):
+            raw_map.madvise(mmap.MADV_DONTNEED, start, end - start)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)

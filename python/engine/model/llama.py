@@ -86,6 +86,13 @@ class LlamaForCausalLM:
         def get(name, shape):
             return require(weights, name, shape, source)
 
+        def fused(names_shapes):
+            """Row-stacked copies; the file's pages of the parts are released once copied."""
+            w = stack_rows([get(name, shape) for name, shape in names_shapes])
+            for name, _ in names_shapes:
+                getattr(weights, "release", lambda _: None)(name)
+            return w
+
         def bias(name, size):
             return np.ascontiguousarray(get(name, (size,)), dtype=np.float32)
 
@@ -98,16 +105,16 @@ class LlamaForCausalLM:
         self.layers = []
         for i in range(c.num_layers):
             p = f"model.layers.{i}."
-            qkv = stack_rows([get(p + "self_attn.q_proj.weight", (q, hidden)),
-                              get(p + "self_attn.k_proj.weight", (kv, hidden)),
-                              get(p + "self_attn.v_proj.weight", (kv, hidden))])
+            qkv = fused([(p + "self_attn.q_proj.weight", (q, hidden)),
+                         (p + "self_attn.k_proj.weight", (kv, hidden)),
+                         (p + "self_attn.v_proj.weight", (kv, hidden))])
             qkv_bias = None
             if c.attention_bias:
                 qkv_bias = np.concatenate([bias(p + "self_attn.q_proj.bias", q),
                                            bias(p + "self_attn.k_proj.bias", kv),
                                            bias(p + "self_attn.v_proj.bias", kv)])
-            gate_up = stack_rows([get(p + "mlp.gate_proj.weight", (inter, hidden)),
-                                  get(p + "mlp.up_proj.weight", (inter, hidden))])
+            gate_up = fused([(p + "mlp.gate_proj.weight", (inter, hidden)),
+                             (p + "mlp.up_proj.weight", (inter, hidden))])
             self.layers.append(LlamaLayer(
                 input_norm=get(p + "input_layernorm.weight", (hidden,)),
                 qkv=qkv, qkv_bias=qkv_bias,
@@ -132,13 +139,18 @@ class LlamaForCausalLM:
         if fmt not in QUANTIZABLE:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZABLE)}, got {fmt!r}")
 
-        def convert(w, to):
-            return QuantizedWeight.quantize(w, to) if isinstance(w, np.ndarray) else w
+        def convert(w, to, what):
+            if not isinstance(w, np.ndarray):
+                return w  # already stored quantised
+            try:
+                return QuantizedWeight.quantize(w, to)
+            except ValueError as e:
+                raise ValueError(f"quantization={fmt!r}: {what} {w.shape}: {e}") from None
 
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             for name in ("qkv", "o_proj", "gate_up", "down"):
-                setattr(layer, name, convert(getattr(layer, name), fmt))
-        self.lm_head = convert(self.lm_head, "q8_0")
+                setattr(layer, name, convert(getattr(layer, name), fmt, f"layer {i} {name}"))
+        self.lm_head = convert(self.lm_head, "q8_0", "lm_head")
 
     def _to_device(self) -> None:
         """Copy every weight (and the RoPE table) to the GPU once, tied ones once. GGUF

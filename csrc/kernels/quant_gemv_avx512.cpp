@@ -1,0 +1,260 @@
+// quant_matmul for one token (decode) with AVX-512 VNNI: each weight row is streamed once,
+// 64 values per vpdpbusd against the token's codes, and the next row group is prefetched.
+//
+// The lanes of a step's dot hold partial sums of 4 values; they are added into each
+// block's exact integer dot, and the float work then follows the many-token kernel's
+// order operation for operation (quant_avx512.h): the same token gives the same bits
+// whichever kernel ran it.
+#pragma GCC target("avx512vnni")
+#include <immintrin.h>
+
+#include <vector>
+
+#include "quant_avx512.h"
+
+namespace engine {
+namespace quant_detail {
+namespace {
+
+constexpr int kRows = 4;  // rows streamed together
+
+inline __m128i load128(const uint8_t* p) {
+  return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+}
+
+// Two blocks of 16 nibble bytes -> 64 codes in value order: [a & 15, a >> 4, b & 15, b >> 4].
+inline __m512i nibbles_pair(__m128i a, __m128i b) {
+  const __m256i ab = _mm256_inserti128_si256(_mm256_castsi128_si256(a), b, 1);
+  const __m256i hi = _mm256_srli_epi16(ab, 4);
+  const __m512i v = _mm512_permutex2var_epi64(_mm512_castsi256_si512(ab),
+                                              _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11),
+                                              _mm512_castsi256_si512(hi));
+  return _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
+}
+
+// The unsigned codes of blocks b, b + 1 (b even; kHalf: block b alone, the rest 0).
+template <QuantFormat F, bool kHalf>
+inline __m512i codes64(const uint8_t* row, int64_t b) {
+  if constexpr (F == QuantFormat::q8_0) {
+    const uint8_t* a = row + b * 34;
+    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 2));
+    const __m256i hi = kHalf ? _mm256_set1_epi8(static_cast<char>(0x80))
+                             : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 36));
+    return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
+                            _mm512_set1_epi8(static_cast<char>(0x80)));
+  } else if constexpr (F == QuantFormat::q4_0 || F == QuantFormat::q4_1) {
+    constexpr int bytes = F == QuantFormat::q4_0 ? 18 : 20, skip = bytes - 16;
+    const uint8_t* a = row + b * bytes + skip;
+    return nibbles_pair(load128(a), kHalf ? _mm_setzero_si128() : load128(a + bytes));
+  } else if constexpr (F == QuantFormat::q4_k) {
+    const __m256i raw = _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(row + (b / 8) * 144 + 16 + 16 * (b % 8)));
+    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
+    return _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
+  } else {  // q6_k: blocks b, b + 1 are the low or high nibbles of one 64-byte half
+    const uint8_t* sb = row + (b / 8) * 210;
+    const int j = static_cast<int>(b % 8) / 2, half = j / 2, upper = j % 2;
+    const __m512i ql = _mm512_loadu_si512(sb + 64 * half);
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 128 + 32 * half));
+    const __m512i lo = _mm512_and_si512(upper ? _mm512_srli_epi16(ql, 4) : ql,
+                                        _mm512_set1_epi8(0x0F));
+    const __m256i h0 = upper ? qh : _mm256_slli_epi16(qh, 4);
+    const __m256i h1 = upper ? _mm256_srli_epi16(qh, 2) : _mm256_slli_epi16(qh, 2);
+    const __m512i hi = _mm512_and_si512(
+        _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1), _mm512_set1_epi8(0x30));
+    return _mm512_or_si512(lo, hi);
+  }
+}
+
+// A row group's tables: entry [block][row], so one load gives the 4 rows' values.
+struct GroupTable {
+  alignas(64) float scale[kKBlock / 32][kRows];
+  alignas(64) float min[kKBlock / 32][kRows];
+  alignas(64) int32_t sc6[kKBlock / 32][2][kRows];
+  TableView lane(int r) { return {&scale[0][r], &min[0][r], &sc6[0][0][r], kRows}; }
+};
+
+// 16 f16 fields block_bytes apart (lanes past nb: 0) -> 16 floats.
+inline __m512 gather_halves(const uint8_t* p, int block_bytes, int nb, int shift) {
+  const __m512i offsets = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(block_bytes));
+  const __mmask16 mask = static_cast<__mmask16>(nb >= 16 ? 0xFFFF : (1u << nb) - 1);
+  __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offsets, p, 1);
+  if (shift) w = _mm512_srli_epi32(w, shift);
+  return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w));
+}
+
+// out[b][r] = v[r][b] for 16 blocks b and the 4 rows r.
+inline void transpose_store(const __m512 (&v)[kRows], float (*out)[kRows]) {
+  const __m512 t0 = _mm512_unpacklo_ps(v[0], v[1]), t1 = _mm512_unpackhi_ps(v[0], v[1]);
+  const __m512 t2 = _mm512_unpacklo_ps(v[2], v[3]), t3 = _mm512_unpackhi_ps(v[2], v[3]);
+  // u_m's 128-bit lane k holds block 4k + m for rows 0..3
+  const __m512 u0 = _mm512_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 u1 = _mm512_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512 u2 = _mm512_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m512 u3 = _mm512_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m512 a02 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0));  // b0 b8 b1 b9
+  const __m512 b02 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(2, 0, 2, 0));  // b2 b10 b3 b11
+  const __m512 a13 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1));  // b4 b12 b5 b13
+  const __m512 b13 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(3, 1, 3, 1));  // b6 b14 b7 b15
+  float* o = &out[0][0];
+  _mm512_storeu_ps(o, _mm512_shuffle_f32x4(a02, b02, _MM_SHUFFLE(2, 0, 2, 0)));       // b0-3
+  _mm512_storeu_ps(o + 16, _mm512_shuffle_f32x4(a13, b13, _MM_SHUFFLE(2, 0, 2, 0)));  // b4-7
+  _mm512_storeu_ps(o + 32, _mm512_shuffle_f32x4(a02, b02, _MM_SHUFFLE(3, 1, 3, 1)));  // b8-11
+  _mm512_storeu_ps(o + 48, _mm512_shuffle_f32x4(a13, b13, _MM_SHUFFLE(3, 1, 3, 1)));  // b12-15
+}
+
+// The tables of blocks [b0, b0 + nb) for the group's rows: gathers for the 32-value
+// formats (the same f16 -> f32 values row_table gives), row_table for the k-quants.
+template <QuantFormat F>
+void group_table(const uint8_t* const (&rows)[kRows], int64_t b0, int nb, GroupTable& t) {
+  if constexpr (F == QuantFormat::q8_0 || F == QuantFormat::q4_0 || F == QuantFormat::q4_1) {
+    constexpr int bytes = F == QuantFormat::q8_0 ? 34 : F == QuantFormat::q4_0 ? 18 : 20;
+    for (int i = 0; i < nb; i += 16) {
+      __m512 v[kRows], m[kRows];
+      for (int r = 0; r < kRows; ++r) {
+        v[r] = gather_halves(rows[r] + (b0 + i) * bytes, bytes, nb - i, 0);
+        if constexpr (F == QuantFormat::q4_1)
+          m[r] = gather_halves(rows[r] + (b0 + i) * bytes, bytes, nb - i, 16);
+      }
+      transpose_store(v, t.scale + i);
+      if constexpr (F == QuantFormat::q4_1) transpose_store(m, t.min + i);
+    }
+  } else {
+    for (int r = 0; r < kRows; ++r) row_table<F>(rows[r], b0, nb, t.lane(r));
+  }
+}
+
+// The exact dots of blocks 2j, 2j + 1 for the 4 rows: each dot's 16 lanes (4 values each)
+// summed per 16-value chunk, rows transposed into lanes, then chunks combined.
+template <QuantFormat F>
+inline void block_dots(const __m512i (&dot)[kRows], const GroupTable& t, int i, __m128i& ia,
+                       __m128i& ib) {
+  const __m512i u01 = _mm512_add_epi32(_mm512_unpacklo_epi32(dot[0], dot[1]),
+                                       _mm512_unpackhi_epi32(dot[0], dot[1]));
+  const __m512i u23 = _mm512_add_epi32(_mm512_unpacklo_epi32(dot[2], dot[3]),
+                                       _mm512_unpackhi_epi32(dot[2], dot[3]));
+  // 128-bit lane k: the chunk-k sums of rows 0..3
+  const __m512i w = _mm512_add_epi32(_mm512_unpacklo_epi64(u01, u23),
+                                     _mm512_unpackhi_epi64(u01, u23));
+  if constexpr (F == QuantFormat::q6_k) {
+    auto sc = [&](int b, int h) {
+      return _mm_load_si128(reinterpret_cast<const __m128i*>(t.sc6[b][h]));
+    };
+    const __m128i c0 = _mm512_castsi512_si128(w), c1 = _mm512_extracti32x4_epi32(w, 1);
+    const __m128i c2 = _mm512_extracti32x4_epi32(w, 2), c3 = _mm512_extracti32x4_epi32(w, 3);
+    ia = _mm_add_epi32(_mm_mullo_epi32(sc(i, 0), c0), _mm_mullo_epi32(sc(i, 1), c1));
+    ib = _mm_add_epi32(_mm_mullo_epi32(sc(i + 1, 0), c2), _mm_mullo_epi32(sc(i + 1, 1), c3));
+  } else {
+    const __m512i v = _mm512_add_epi32(w, _mm512_shuffle_i32x4(w, w, _MM_SHUFFLE(2, 3, 0, 1)));
+    ia = _mm512_castsi512_si128(v);
+    ib = _mm512_extracti32x4_epi32(v, 2);
+  }
+}
+
+// acc = fma(float(dot), scale * d_x, acc), then for a min: acc = fma(min, s_x, acc); lanes
+// are rows.
+template <QuantFormat F>
+inline __m128 block_fma(__m128 acc, __m128i dot, const GroupTable& t, int i, float dx, float sx) {
+  const __m128 f = _mm_mul_ps(_mm_load_ps(t.scale[i]), _mm_set1_ps(dx));
+  acc = _mm_fmadd_ps(_mm_cvtepi32_ps(dot), f, acc);
+  if constexpr (has_min<F>()) acc = _mm_fmadd_ps(_mm_load_ps(t.min[i]), _mm_set1_ps(sx), acc);
+  return acc;
+}
+
+// Blocks b0 + i, b0 + i + 1 (kHalf: b0 + i only) of the group against the token.
+template <QuantFormat F, bool kHalf>
+inline __m128 step(const uint8_t* const (&rows)[kRows], const GroupTable& t, int64_t b0, int i,
+                   const int8_t* xq, const float* xd, const float* xs, int64_t prefetch,
+                   __m128 acc) {
+  const int64_t b = b0 + i;
+  const __m512i xv = kHalf ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, xq + 32 * b)
+                           : _mm512_loadu_si512(xq + 32 * b);
+  constexpr int o = offset_of<F>();
+  __m512i seed = _mm512_setzero_si512();
+  if constexpr (o != 0)
+    seed = _mm512_sub_epi32(seed, _mm512_dpbusd_epi32(_mm512_setzero_si512(),
+                                                      _mm512_set1_epi8(static_cast<char>(o)), xv));
+  __m512i dot[kRows];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    _mm_prefetch(reinterpret_cast<const char*>(rows[r]) + prefetch + b * block_bytes<F>(),
+                 _MM_HINT_T0);
+    dot[r] = _mm512_dpbusd_epi32(seed, codes64<F, kHalf>(rows[r], b), xv);
+  }
+  __m128i ia, ib;
+  block_dots<F>(dot, t, i, ia, ib);
+  acc = block_fma<F>(acc, ia, t, i, xd[b], xs[b]);
+  if (!kHalf) acc = block_fma<F>(acc, ib, t, i + 1, xd[b + 1], xs[b + 1]);
+  return acc;
+}
+
+// Rows [n0, n0 + num_rows), num_rows <= 4 (missing rows repeat the first, unstored).
+template <QuantFormat F>
+void row_group(const QuantArgs& a, const int8_t* xq, const float* xd, const float* xs,
+               int64_t n0, int num_rows) {
+  const int64_t nb = a.in_features / 32;
+  const uint8_t* rows[kRows];
+  for (int r = 0; r < kRows; ++r) rows[r] = a.w + (n0 + (r < num_rows ? r : 0)) * a.w_row_bytes;
+  const int64_t prefetch = kRows * a.w_row_bytes;  // the next group (a prefetch never faults)
+  GroupTable t;
+  for (int64_t b0 = 0; b0 < nb; b0 += kKBlock / 32) {
+    const int n = static_cast<int>(std::min<int64_t>(kKBlock / 32, nb - b0));
+    group_table<F>(rows, b0, n, t);
+    __m128 acc = _mm_setzero_ps();
+    int i = 0;
+    for (; i + 1 < n; i += 2) acc = step<F, false>(rows, t, b0, i, xq, xd, xs, prefetch, acc);
+    if (i < n) acc = step<F, true>(rows, t, b0, i, xq, xd, xs, prefetch, acc);
+    alignas(16) float v[kRows];
+    _mm_store_ps(v, acc);
+    for (int r = 0; r < num_rows; ++r) {
+      float& o = a.out[n0 + r];
+      o = (b0 > 0 ? o : a.bias ? a.bias[n0 + r] : 0.0f) + v[r];
+    }
+  }
+}
+
+template <QuantFormat F>
+void run(const QuantArgs& a, const int8_t* xq, const float* xd, const float* xs) {
+  const int64_t num_threads = std::max(1, omp_get_max_threads());
+  const int64_t part_rows = ceil_div(ceil_div(a.out_features, num_threads), kRows) * kRows;
+  const int64_t num_parts = ceil_div(a.out_features, part_rows);
+  const double work = static_cast<double>(a.out_features) * a.in_features;
+#pragma omp parallel for schedule(static) if (work >= kMinParallelWork && num_parts > 1)
+  for (int64_t p = 0; p < num_parts; ++p) {
+    const int64_t n1 = std::min(a.out_features, (p + 1) * part_rows);
+    int64_t n = p * part_rows;
+    for (; n < n1; n += kRows)
+      row_group<F>(a, xq, xd, xs, n, static_cast<int>(std::min<int64_t>(kRows, n1 - n)));
+  }
+}
+
+}  // namespace
+
+void quant_gemv_avx512_vnni(const QuantArgs& a) {
+  const int64_t nb = a.in_features / 32;
+  thread_local std::vector<int8_t> codes;
+  thread_local std::vector<float> scales;
+  if (codes.size() < static_cast<size_t>(a.in_features)) codes.resize(a.in_features);
+  if (scales.size() < static_cast<size_t>(2 * nb)) scales.resize(2 * nb);
+  float* xd = scales.data();
+  float* xs = scales.data() + nb;
+  QuantBlock qb;
+  for (int64_t b = 0; b < nb; ++b) {  // the same arithmetic as the tiles' quantiser
+    quantize_block(a.x + 32 * b, qb);
+    std::memcpy(codes.data() + 32 * b, qb.q, 32);
+    xd[b] = qb.d;
+    xs[b] = qb.s;
+  }
+  switch (a.format) {
+    case QuantFormat::q8_0: return run<QuantFormat::q8_0>(a, codes.data(), xd, xs);
+    case QuantFormat::q4_0: return run<QuantFormat::q4_0>(a, codes.data(), xd, xs);
+    case QuantFormat::q4_1: return run<QuantFormat::q4_1>(a, codes.data(), xd, xs);
+    case QuantFormat::q4_k: return run<QuantFormat::q4_k>(a, codes.data(), xd, xs);
+    case QuantFormat::q6_k: return run<QuantFormat::q6_k>(a, codes.data(), xd, xs);
+  }
+}
+
+}  // namespace quant_detail
+}  // namespace engine
