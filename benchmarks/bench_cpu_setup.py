@@ -32,7 +32,7 @@ LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
 
 
 def pythonpath() -> str:
-    parts = [str(SITE), str(REPO / "python"), os.environ.get("PYTHONPATH", "")]
+    parts = [str(SITE), os.environ.get("PYTHONPATH", ""), str(REPO / "python")]
     return os.pathsep.join(p for p in parts if p)
 
 

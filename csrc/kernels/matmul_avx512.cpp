@@ -89,13 +89,7 @@ struct Avx512Kernel {
     for (; k + 16 <= k_len; k += 16) {
       __m512 wv[R];
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) {
-        wv[r] = load_w(w + r * ws + k);
-        // One token streams the weights (decode): fetch the next row group's while computing.
-        // A prefetch never faults, past the matrix's end included.
-        if (C == 1 && (k % (64 / sizeof(W))) == 0)
-          _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * ws + k), _MM_HINT_T0);
-      }
+      for (int r = 0; r < R; ++r) wv[r] = load_w(w + r * ws + k);
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) {
         __m512 xv = _mm512_loadu_ps(x + c * xs + k);

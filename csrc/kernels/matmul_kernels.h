@@ -114,6 +114,25 @@ void matmul_rows(const MatmulArgs& a, int64_t block_k, int64_t n0, int64_t n1) {
   }
 }
 
+// One token (decode): each row group is streamed start to end, K block by K block, with
+// the same blocks (and so the same summation order) as matmul_rows.
+template <class Kernel, int RW, int CT, class W>
+void gemv_rows(const MatmulArgs& a, int64_t block_k, int64_t n0, int64_t n1) {
+  const W* w = static_cast<const W*>(a.w);
+  const int64_t in_features = a.in_features;
+  int64_t n = n0;
+  for (; n + RW <= n1; n += RW)
+    for (int64_t k0 = 0; k0 < in_features; k0 += block_k)
+      Kernel::template tile<RW, 1, W>(a.x + k0, 0, w + n * in_features + k0, in_features,
+                                      std::min(block_k, in_features - k0),
+                                      a.bias ? a.bias + n : nullptr, k0 > 0, a.out + n, 0);
+  for (; n < n1; ++n)
+    for (int64_t k0 = 0; k0 < in_features; k0 += block_k)
+      Kernel::template tile<1, 1, W>(a.x + k0, 0, w + n * in_features + k0, in_features,
+                                     std::min(block_k, in_features - k0),
+                                     a.bias ? a.bias + n : nullptr, k0 > 0, a.out + n, 0);
+}
+
 // Gives each thread one contiguous range of out_features.
 template <class Kernel, int RW, int CT, class W>
 void run_chunks(const MatmulArgs& a, int64_t block_k) {
@@ -125,7 +144,10 @@ void run_chunks(const MatmulArgs& a, int64_t block_k) {
 #pragma omp parallel for schedule(static) if (work >= kMinParallelWork && num_parts > 1)
   for (int64_t i = 0; i < num_parts; ++i) {
     const int64_t n0 = i * part_rows;
-    matmul_rows<Kernel, RW, CT, W>(a, block_k, n0, std::min(num_rows, n0 + part_rows));
+    if constexpr (CT == 1)
+      gemv_rows<Kernel, RW, CT, W>(a, block_k, n0, std::min(num_rows, n0 + part_rows));
+    else
+      matmul_rows<Kernel, RW, CT, W>(a, block_k, n0, std::min(num_rows, n0 + part_rows));
   }
 }
 

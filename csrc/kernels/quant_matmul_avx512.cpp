@@ -136,15 +136,15 @@ void row_tile(const QuantArgs& a, const TileBlock* tiles, int64_t tile0, int64_t
   const uint8_t* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = a.w + (n0 + r) * a.w_row_bytes;
   RowTable tables[R];
-  // one token: fetch the next row tile's bytes while computing (a prefetch never faults)
-  const int64_t prefetch = a.num_tokens == 1 ? R * a.w_row_bytes : 0;
+  // the first token tile streams the weights: fetch the bytes ahead (a prefetch never faults)
+  const int64_t prefetch = R * a.w_row_bytes + 4096;
   for (int64_t b0 = 0; b0 < nb; b0 += kKBlock / 32) {
     const int n = static_cast<int>(std::min<int64_t>(kKBlock / 32, nb - b0));
     for (int r = 0; r < R; ++r) row_table<F>(rows[r], b0, n, tables[r].view());
     for (int64_t t = tile0; t < tile1; ++t) {
       __m512 acc[R];
       for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-      tile<F, R>(rows, tables, b0, n, tiles + t * nb + b0, prefetch, acc);
+      tile<F, R>(rows, tables, b0, n, tiles + t * nb + b0, t == tile0 ? prefetch : 0, acc);
       store<R>(a, t * kLanes, n0, acc, b0 > 0);
     }
   }
