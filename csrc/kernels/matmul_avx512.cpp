@@ -89,7 +89,15 @@ struct Avx512Kernel {
     for (; k + 16 <= k_len; k += 16) {
       __m512 wv[R];
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) wv[r] = load_w(w + r * ws + k);
+      for (int r = 0; r < R; ++r) {
+        wv[r] = load_w(w + r * ws + k);
+        // Decode of short rows (the whole row in this tile): R interleaved streams of a
+        // few lines each are too short for the hardware prefetcher, so fetch the next
+        // group's into L2 while computing (21 -> 30 GB/s at K = 576; into L1 the fill
+        // buffers cap it). Long rows stream well as they are. A prefetch never faults.
+        if (C == 1 && k_len == ws && (k % (64 / sizeof(W))) == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(w + (r + R) * ws + k), _MM_HINT_T1);
+      }
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) {
         __m512 xv = _mm512_loadu_ps(x + c * xs + k);
