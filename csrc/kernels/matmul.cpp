@@ -22,6 +22,12 @@ struct PortableKernel {
   static constexpr int kRows = 4;
   static constexpr int kTokens = 4;
   static constexpr int kGemvRows = 4;
+  static constexpr bool kPanels = true;
+
+  template <class W>
+  static void convert(const W* w, int64_t n, float* out) {
+    for (int64_t k = 0; k < n; ++k) out[k] = to_f32(w[k]);
+  }
   static constexpr int kLanes = 8;  // independent partial sums per (row, token)
 
   template <int R, int C, class W>

