@@ -189,3 +189,41 @@ def test_folder_checkpoint(tmp_path, tensors):
     with pytest.raises(ValueError, match=r"f: tensor 'lm_head\.weight' is missing \(expected "
                                          r"shape \(17, 8\)"):
         require(checkpoint.weights, "lm_head.weight", (17, 8), "f")
+
+
+def resident_pages(view: np.ndarray) -> int:
+    """Resident pages of this process's mapping under a (page-sized or larger) view."""
+    import mmap as mmap_module
+    start = view.__array_interface__["data"][0]
+    begin = -(-start // mmap_module.PAGESIZE) * mmap_module.PAGESIZE
+    end = (start + view.nbytes) // mmap_module.PAGESIZE * mmap_module.PAGESIZE
+    count = 0
+    with open("/proc/self/pagemap", "rb") as f:
+        for page in range(begin // mmap_module.PAGESIZE, end // mmap_module.PAGESIZE):
+            f.seek(page * 8)
+            count += int.from_bytes(f.read(8), "little") >> 63  # bit 63: present
+    return count
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_release_drops_the_mapped_pages_and_keeps_the_data(tmp_path, rng, sharded):
+    """After a copy, release() unmaps the tensor's pages; a later read still sees the data."""
+    big = rng.standard_normal((256, 1024)).astype(np.float32)  # 1 MiB: whole pages
+    small = rng.standard_normal((3, 5)).astype(np.float32)
+    save_file({"big": big, "small": small}, str(tmp_path / "a.safetensors"))
+    if sharded:
+        save_file({"other": small}, str(tmp_path / "b.safetensors"))
+        with open(tmp_path / "model.safetensors.index.json", "w") as f:
+            json.dump({"weight_map": {"big": "a.safetensors", "small": "a.safetensors",
+                                      "other": "b.safetensors"}}, f)
+        weights = ShardedSafetensors(tmp_path / "model.safetensors.index.json")
+    else:
+        weights = SafetensorsFile(tmp_path / "a.safetensors")
+    view = weights["big"]
+    copy = np.array(view)  # touches every page
+    assert resident_pages(view) > 200
+    weights.release("big")
+    assert resident_pages(view) == 0
+    np.testing.assert_array_equal(weights["big"], big)  # read back from the page cache
+    np.testing.assert_array_equal(copy, big)
+    np.testing.assert_array_equal(weights["small"], small)

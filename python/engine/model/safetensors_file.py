@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 from collections.abc import Iterator, Mapping
 
@@ -85,9 +86,15 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         self._check_no_overlap()
         # Mapping an empty range is an error for mmap; a file of only a header has no data.
         # Plain ndarray views (not np.memmap subclasses); each view keeps the map alive.
-        self._data = (np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_start)
-                      .view(np.ndarray)
-                      if self.file_size > self.data_start else np.zeros(0, np.uint8))
+        self._map, self._skew = None, 0
+        if self.file_size > self.data_start:
+            mapped = np.memmap(self.path, dtype=np.uint8, mode="r", offset=self.data_start)
+            self._data = mapped.view(np.ndarray)
+            # np.memmap maps from the allocation boundary below data_start
+            self._map = getattr(mapped, "_mmap", None)
+            self._skew = self.data_start % mmap.ALLOCATIONGRANULARITY
+        else:
+            self._data = np.zeros(0, np.uint8)
 
     # -- header -------------------------------------------------------------------------------
 
@@ -163,6 +170,15 @@ class SafetensorsFile(Mapping[str, np.ndarray]):
         view.flags.writeable = False
         return view
 
+    def release(self, name: str) -> None:
+        """Drop this process's mapped pages of a tensor it has copied (they stay in the page
+        cache; a later access reads them back): the copy alone then counts in its memory."""
+        _, _, begin, end = self._specs[name]
+        start = -(-(self._skew + begin) // mmap.PAGESIZE) * mmap.PAGESIZE
+        stop = (self._skew + end) // mmap.PAGESIZE * mmap.PAGESIZE
+        if self._map is not None and stop > start and hasattr(mmap, "MADV_DONTNEED"):
+            self._map.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._specs)
 
@@ -229,6 +245,9 @@ class ShardedSafetensors(Mapping[str, np.ndarray]):
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.shards[self._weight_map[name]][name]
+
+    def release(self, name: str) -> None:
+        self.shards[self._weight_map[name]].release(name)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._weight_map)

@@ -134,6 +134,16 @@ class RowStack:
         return np.dtype(self.parts[0].dtype)
 
 
+def private_copy(w):
+    """A copy of a weight in this process's memory (not the file's pages): arrays and
+    QuantizedWeights; a RowStack's parts are copied one by one."""
+    if isinstance(w, QuantizedWeight):
+        return QuantizedWeight(np.array(w.data), w.format, w.in_features)
+    if isinstance(w, RowStack):
+        return RowStack([private_copy(p) for p in w.parts])
+    return np.array(w)
+
+
 def stack_rows(parts: list):
     """Row-concatenate weights: one array, one QuantizedWeight (same format), or a RowStack.
 
