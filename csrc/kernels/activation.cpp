@@ -8,6 +8,12 @@
 #include "engine/ops.h"
 
 namespace engine {
+namespace activation_detail {
+#if defined(ENGINE_X86)
+void silu_and_mul_row_avx512(const float* gate, const float* up, float* out, int64_t d);
+#endif
+}  // namespace activation_detail
+
 namespace {
 
 // An empty array has no rows to lay out, whatever strides numpy gave it.
@@ -37,16 +43,12 @@ __attribute__((target("avx2,fma,f16c"))) void row_avx2(const float* g, const flo
                                                         int64_t d) {
   silu_and_mul_row_body(g, u, o, d);
 }
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))) void row_avx512(
-    const float* g, const float* u, float* o, int64_t d) {
-  silu_and_mul_row_body(g, u, o, d);
-}
 #endif
 
 RowFn pick_row() {
 #if defined(ENGINE_X86) && defined(__GNUC__)
   switch (current_isa()) {
-    case Isa::avx512: return row_avx512;
+    case Isa::avx512: return activation_detail::silu_and_mul_row_avx512;
     case Isa::avx2: return row_avx2;
     default: break;
   }
