@@ -30,21 +30,6 @@ namespace {
 
 constexpr const char* kOp = "paged_attention";
 
-// [first byte, one past the last byte] spanned by a view (non-negative strides).
-bool overlaps(const TensorView& x, const TensorView& y) {
-  if (x.numel() == 0 || y.numel() == 0) return false;
-  auto span = [](const TensorView& t, uintptr_t& lo, uintptr_t& hi) {
-    int64_t last = 0;
-    for (int i = 0; i < t.ndim; ++i) last += (t.shape[i] - 1) * t.strides[i];
-    lo = reinterpret_cast<uintptr_t>(t.data);
-    hi = lo + static_cast<uintptr_t>((last + 1) * engine::dtype_size(t.dtype));
-  };
-  uintptr_t xl, xh, yl, yh;
-  span(x, xl, xh);
-  span(y, yl, yh);
-  return xl < yh && yl < xh;
-}
-
 void check_args(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
                 const TensorView& block_tables, const TensorView& seq_lens,
                 const TensorView& query_start_loc, double scale, const TensorView& out) {

@@ -39,21 +39,6 @@ void check_dense(const TensorView& t, const char* arg) {
 // 1-d int32 views with any stride.
 int64_t at(const TensorView& t, int64_t i) { return t.ptr<int32_t>()[i * t.stride(0)]; }
 
-// [first byte, last byte] spanned by a view (non-negative strides, numel > 0).
-bool overlaps(const TensorView& x, const TensorView& y) {
-  if (x.numel() == 0 || y.numel() == 0) return false;
-  auto span = [](const TensorView& t, const char*& lo, const char*& hi) {
-    int64_t last = 0;
-    for (int i = 0; i < t.ndim; ++i) last += (t.shape[i] - 1) * t.strides[i];
-    lo = static_cast<const char*>(t.data);
-    hi = lo + (last + 1) * dtype_size(t.dtype);
-  };
-  const char *xl, *xh, *yl, *yh;
-  span(x, xl, xh);
-  span(y, yl, yh);
-  return xl < yh && yl < xh;
-}
-
 void check_tensors(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
                    const TensorView& block_tables, const TensorView& seq_lens,
                    const TensorView& query_start_loc, double scale, const TensorView& out) {

@@ -122,17 +122,6 @@ void check_rows(const TensorView& t, const char* arg, int64_t num_tokens, int64_
   if (t.numel() > 0) check_row_contiguous(t, kOp, arg);
 }
 
-// The bytes [begin, end) a view spans; empty for an empty view.
-bool overlaps(const TensorView& a, const TensorView& b) {
-  if (a.numel() == 0 || b.numel() == 0) return false;
-  auto end = [](const TensorView& t) {
-    int64_t last = 0;
-    for (int i = 0; i < t.ndim; ++i) last += (t.shape[i] - 1) * t.strides[i];
-    return static_cast<const char*>(t.data) + (last + 1) * dtype_size(t.dtype);
-  };
-  return static_cast<const char*>(a.data) < end(b) && static_cast<const char*>(b.data) < end(a);
-}
-
 bool same_layout(const TensorView& a, const TensorView& b) {
   return a.data == b.data && a.strides[0] == b.strides[0];
 }

@@ -70,25 +70,6 @@ namespace {
 
 constexpr const char* kOp = "matmul";
 
-// The bytes [begin, end) that a 2-D view can touch; empty if it has no elements.
-struct ByteSpan {
-  const char* begin;
-  const char* end;
-};
-
-ByteSpan span_of(const TensorView& t) {
-  const char* p = static_cast<const char*>(t.data);
-  if (t.numel() == 0) return {p, p};
-  int64_t last = 0;
-  for (int i = 0; i < t.ndim; ++i) last += (t.shape[i] - 1) * t.strides[i];
-  return {p, p + (last + 1) * dtype_size(t.dtype)};
-}
-
-bool overlaps(const TensorView& a, const TensorView& b) {
-  ByteSpan sa = span_of(a), sb = span_of(b);
-  return sa.begin < sb.end && sb.begin < sa.end;
-}
-
 void validate(const TensorView& x, const TensorView& w, const TensorView& bias,
               const TensorView& out) {
   check(x.dtype == DType::f32 && x.ndim == 2, kOp,

@@ -183,21 +183,6 @@ bool has_vnni() {
 #endif
 }
 
-// The bytes [begin, end) a 2-D view can touch (empty if it has no elements).
-bool overlaps(const TensorView& a, const TensorView& b) {
-  auto span = [](const TensorView& t, const char** lo, const char** hi) {
-    *lo = *hi = static_cast<const char*>(t.data);
-    if (t.numel() == 0) return;
-    int64_t last = 0;
-    for (int i = 0; i < t.ndim; ++i) last += (t.shape[i] - 1) * t.strides[i];
-    *hi = *lo + (last + 1) * dtype_size(t.dtype);
-  };
-  const char *a0, *a1, *b0, *b1;
-  span(a, &a0, &a1);
-  span(b, &b0, &b1);
-  return a0 < b1 && b0 < a1;
-}
-
 void validate(const TensorView& x, const TensorView& w, QuantFormat format,
               const TensorView& bias, const TensorView& out) {
   check(x.dtype == DType::f32 && x.ndim == 2, kOp,

@@ -29,16 +29,6 @@ constexpr const char* kOp = "varlen_attention";
 
 int64_t at(const TensorView& t, int64_t i) { return t.ptr<int32_t>()[i * t.stride(0)]; }
 
-bool overlaps(const TensorView& x, const TensorView& y) {
-  if (x.numel() == 0 || y.numel() == 0) return false;
-  auto end = [](const TensorView& t) {
-    int64_t last = 0;
-    for (int i = 0; i < t.ndim; ++i) last += (t.shape[i] - 1) * t.strides[i];
-    return static_cast<const char*>(t.data) + (last + 1) * dtype_size(t.dtype);
-  };
-  return static_cast<const char*>(x.data) < end(y) && static_cast<const char*>(y.data) < end(x);
-}
-
 void check_heads(const TensorView& t, const char* arg) {
   check_dtype(t, kOp, arg, {DType::f32});
   check_ndim(t, kOp, arg, 3);

@@ -65,4 +65,16 @@ inline void check_row_contiguous(const TensorView& t, const char* op, const char
         std::string(arg) + " must have a contiguous last dimension (stride 1)");
 }
 
+// Whether two views can touch a common byte: their spans [first byte, last byte + 1)
+// intersect (non-negative strides). An empty view overlaps nothing.
+inline bool overlaps(const TensorView& a, const TensorView& b) {
+  if (a.numel() == 0 || b.numel() == 0) return false;
+  auto end = [](const TensorView& t) {
+    int64_t last = 0;
+    for (int i = 0; i < t.ndim; ++i) last += (t.shape[i] - 1) * t.strides[i];
+    return static_cast<const char*>(t.data) + (last + 1) * dtype_size(t.dtype);
+  };
+  return static_cast<const char*>(a.data) < end(b) && static_cast<const char*>(b.data) < end(a);
+}
+
 }  // namespace engine
