@@ -1,6 +1,7 @@
 """The safetensors reader: zero-copy views, sharded folders, and malformed files rejected."""
 
 import json
+import mmap
 import os
 
 import ml_dtypes
@@ -193,13 +194,12 @@ def test_folder_checkpoint(tmp_path, tensors):
 
 def resident_pages(view: np.ndarray) -> int:
     """Resident pages of this process's mapping under a (page-sized or larger) view."""
-    import mmap as mmap_module
     start = view.__array_interface__["data"][0]
-    begin = -(-start // mmap_module.PAGESIZE) * mmap_module.PAGESIZE
-    end = (start + view.nbytes) // mmap_module.PAGESIZE * mmap_module.PAGESIZE
+    begin = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (start + view.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
     count = 0
     with open("/proc/self/pagemap", "rb") as f:
-        for page in range(begin // mmap_module.PAGESIZE, end // mmap_module.PAGESIZE):
+        for page in range(begin // mmap.PAGESIZE, end // mmap.PAGESIZE):
             f.seek(page * 8)
             count += int.from_bytes(f.read(8), "little") >> 63  # bit 63: present
     return count

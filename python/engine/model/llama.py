@@ -87,22 +87,24 @@ class LlamaForCausalLM:
         def get(name, shape):
             return require(weights, name, shape, source)
 
+        release = getattr(weights, "release", lambda _: None)  # drop a copied tensor's pages
+
         def fused(names_shapes):
             """Row-stacked copies; the file's pages of the parts are released once copied."""
             w = stack_rows([get(name, shape) for name, shape in names_shapes])
             for name, _ in names_shapes:
-                getattr(weights, "release", lambda _: None)(name)
+                release(name)
             return w
 
         def resident(name, shape):
             """On the CPU, a private copy whose file pages are then released: numpy backs
-            large arrays with huge pages, which decode streams faster than the file's 4 KiB
-            pages (2 threads: about 45 against 33 GB/s)."""
+            large arrays with huge pages, which decode streams about 5% faster than the
+            file's 4 KiB pages (1B f16 layers, 2 threads: 29.6 against 28.0 GB/s)."""
             w = get(name, shape)
             if device != "cpu":
                 return w
             w = private_copy(w)
-            getattr(weights, "release", lambda _: None)(name)
+            release(name)
             return w
 
         def bias(name, size):

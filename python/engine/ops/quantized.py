@@ -135,12 +135,10 @@ class RowStack:
 
 
 def private_copy(w):
-    """A copy of a weight in this process's memory (not the file's pages): arrays and
-    QuantizedWeights; a RowStack's parts are copied one by one."""
+    """A copy of one weight (an array or a QuantizedWeight) in this process's memory, not
+    the file's pages."""
     if isinstance(w, QuantizedWeight):
         return QuantizedWeight(np.array(w.data), w.format, w.in_features)
-    if isinstance(w, RowStack):
-        return RowStack([private_copy(p) for p in w.parts])
     return np.array(w)
 
 
