@@ -42,7 +42,7 @@ def run_worker(runner: str, model: str, threads: int, args, batch: int = 1) -> d
     cmd = [sys.executable, str(Path(__file__).parent / "bench_cpu_worker.py"), runner, model,
            "--threads", str(threads), "--prompt-len", str(args.prompt_len),
            "--new-tokens", str(args.new_tokens if batch == 1 else args.batch_new_tokens),
-           "--batch", str(batch)]
+           "--batch", str(batch), "--kv-cache-dtype", args.kv_cache_dtype]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=setup.pythonpath())
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
@@ -94,7 +94,8 @@ def report(results: dict, args) -> None:
     print(f"machine: {setup.machine_line()}")
     print(f"versions: {first['versions']}, llama-cpp-python {setup.llama_cpp_version()}")
     print(f"{args.threads} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
-          f"greedy, batch 1, median of {args.repeats} interleaved runs (fresh process each)")
+          f"greedy, batch 1, median of {args.repeats} interleaved runs (fresh process each); "
+          f"KV cache: engine {args.kv_cache_dtype}, llama.cpp f16 (its default)")
     print(f"copy bandwidth (read + write), {args.threads} threads: {bandwidth / 1e9:.1f} GB/s")
     header = (f"{'model':16s}{'runner':14s}{'prefill tok/s':>14s}{'decode tok/s':>14s}"
               f"{'peak RSS MiB':>14s}{'weights GB/s':>14s}")
@@ -171,6 +172,8 @@ def main() -> int:
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--batches", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--batch-new-tokens", type=int, default=64)
+    parser.add_argument("--kv-cache-dtype", default="float16",
+                        help="engine's KV cache (llama.cpp stores f16 by default)")
     parser.add_argument("--batch-repeats", type=int, default=1)
     parser.add_argument("--json", default="bench_cpu.json", help="raw results")
     parser.add_argument("--plot", default="bench_cpu.png")

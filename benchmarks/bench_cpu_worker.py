@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cpu_worker.py {engine,llama.cpp,transformers} MODEL
         [--threads 2] [--prompt-len 512] [--new-tokens 128] [--batch 1]
+        [--kv-cache-dtype float16]
 
 batch 1: prefill tok/s (one step over the whole prompt) and decode tok/s (every token after
 the first). batch N (engine only): N sequences of 32-token prompts, decode tok/s over the
@@ -57,7 +58,7 @@ def run_engine(args) -> dict:
     seq_len = (args.prompt_len if batch == 1 else 32) + args.new_tokens + 16
     llm = LLM(args.model, max_model_len=seq_len, skip_tokenizer_init=True,
               enable_prefix_caching=False, max_num_seqs=max(batch, 1),
-              num_kv_blocks=batch * (-(-seq_len // 16)) + 1)
+              num_kv_blocks=batch * (-(-seq_len // 16)) + 1, kv_cache_dtype=args.kv_cache_dtype)
     eng = llm.engine
 
     def run(prompts, new_tokens):
@@ -151,6 +152,7 @@ def main() -> int:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--kv-cache-dtype", default="float16", help="engine's KV cache")
     args = parser.parse_args()
     run = {"engine": run_engine, "llama.cpp": run_llama_cpp, "transformers": run_transformers}
     result = run[args.runner](args)

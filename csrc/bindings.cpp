@@ -33,18 +33,19 @@ DType dtype_of(const py::array& a, const char* op, const char* arg) {
 
 TensorView view_of(const py::array& a, const char* op, const char* arg, bool is_output = false) {
   TensorView t;
-  engine::check(a.ndim() <= engine::kMaxDims, op,
-                std::string(arg) + " has " + std::to_string(a.ndim()) + " dims; at most 4 are supported");
-  if (is_output)
-    engine::check(a.writeable(), op, std::string(arg) + " must be a writeable array");
+  ENGINE_CHECK(
+      a.ndim() <= engine::kMaxDims, op,
+      std::string(arg) + " has " + std::to_string(a.ndim()) + " dims; at most 4 are supported");
+  if (is_output) ENGINE_CHECK(a.writeable(), op, std::string(arg) + " must be a writeable array");
   t.dtype = dtype_of(a, op, arg);
   t.ndim = static_cast<int>(a.ndim());
   auto itemsize = static_cast<int64_t>(a.itemsize());
   for (int i = 0; i < t.ndim; ++i) {
     t.shape[i] = a.shape(i);
     int64_t s = a.strides(i);
-    engine::check(s % itemsize == 0 && s >= 0, op,
-                  std::string(arg) + " has a stride that is negative or not a multiple of its item size");
+    ENGINE_CHECK(
+        s % itemsize == 0 && s >= 0, op,
+        std::string(arg) + " has a stride that is negative or not a multiple of its item size");
     t.strides[i] = s / itemsize;
   }
   t.data = const_cast<void*>(a.data());

@@ -23,14 +23,15 @@ void silu_and_mul(const TensorView& x, const TensorView& out, cudaStream_t strea
   const char* op = "silu_and_mul";
   check_dtype(x, op, "x", {DType::f32});
   check_ndim(x, op, "x", 2);
-  check(x.size(1) % 2 == 0, op, "x must have an even number of columns, got " + x.describe());
+  ENGINE_CHECK(x.size(1) % 2 == 0, op,
+               "x must have an even number of columns, got " + x.describe());
   check_rows(x, op, "x");
   const int64_t n = x.size(0), d = x.size(1) / 2;
   check_dtype(out, op, "out", {DType::f32});
   check_shape(out, op, "out", {n, d});
   check_rows(out, op, "out");
   if (n == 0 || d == 0) return;
-  check(n <= 65535, op, "at most 65535 rows per call, got " + std::to_string(n));
+  ENGINE_CHECK(n <= 65535, op, "at most 65535 rows per call, got " + std::to_string(n));
   const int threads = 256;
   dim3 grid(static_cast<unsigned>((d + threads - 1) / threads), static_cast<unsigned>(n));
   silu_and_mul_kernel<<<grid, threads, 0, stream>>>(x.ptr<float>(), x.stride(0), out.ptr<float>(),

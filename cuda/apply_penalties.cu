@@ -155,9 +155,9 @@ void apply_penalties(const TensorView& logits, const TensorView& prompt_tokens,
   engine::check_ndim(logits, kOp, "logits", 2);
   check_rows(logits, kOp, "logits");
   const int64_t num_seqs = logits.size(0), vocab = logits.size(1);
-  engine::check(vocab > 0 && vocab <= INT_MAX, kOp,
-                "logits must have between 1 and 2^31 - 1 columns (the vocab), got " +
-                    logits.describe());
+  ENGINE_CHECK(
+      vocab > 0 && vocab <= INT_MAX, kOp,
+      "logits must have between 1 and 2^31 - 1 columns (the vocab), got " + logits.describe());
   check_list(prompt_tokens, "prompt_tokens", DType::i32);
   check_per_seq(prompt_offsets, "prompt_offsets", DType::i32, num_seqs + 1);
   check_list(output_tokens, "output_tokens", DType::i32);
@@ -165,13 +165,13 @@ void apply_penalties(const TensorView& logits, const TensorView& prompt_tokens,
   check_list(bias_ids, "bias_ids", DType::i32);
   check_per_seq(bias_offsets, "bias_offsets", DType::i32, num_seqs + 1);
   check_list(bias_values, "bias_values", DType::f32);
-  engine::check(bias_values.size(0) == bias_ids.size(0), kOp,
-                "bias_values must have the length of bias_ids (" + std::to_string(bias_ids.size(0)) +
-                    "), got " + bias_values.describe());
+  ENGINE_CHECK(bias_values.size(0) == bias_ids.size(0), kOp,
+               "bias_values must have the length of bias_ids (" + std::to_string(bias_ids.size(0)) +
+                   "), got " + bias_values.describe());
   check_per_seq(presence_penalty, "presence_penalty", DType::f32, num_seqs);
   check_per_seq(frequency_penalty, "frequency_penalty", DType::f32, num_seqs);
   check_per_seq(repetition_penalty, "repetition_penalty", DType::f32, num_seqs);
-  engine::check(num_seqs <= INT_MAX, kOp, "logits must have at most 2^31 - 1 rows");
+  ENGINE_CHECK(num_seqs <= INT_MAX, kOp, "logits must have at most 2^31 - 1 rows");
   if (num_seqs == 0) return;
 
   Args a;

@@ -43,20 +43,19 @@ void check_args(const TensorView& q, const TensorView& k_cache, const TensorView
     engine::check_ndim(*c, kOp, arg, 4);
     if (c->numel() > 0) engine::check_contiguous(*c, kOp, arg);
   }
-  engine::check(v_cache.dtype == k_cache.dtype, kOp,
-                "v_cache must have k_cache's dtype " +
-                    std::string(engine::dtype_name(k_cache.dtype)) + ", got " + v_cache.describe());
+  ENGINE_CHECK(v_cache.dtype == k_cache.dtype, kOp,
+               "v_cache must have k_cache's dtype " +
+                   std::string(engine::dtype_name(k_cache.dtype)) + ", got " + v_cache.describe());
   engine::check_shape(k_cache, kOp, "k_cache", {-1, -1, -1, head_dim});
   engine::check_shape(v_cache, kOp, "v_cache",
                       {k_cache.size(0), k_cache.size(1), k_cache.size(2), head_dim});
   const int64_t num_kv_heads = k_cache.size(2);
-  engine::check(num_kv_heads > 0 && num_q_heads % num_kv_heads == 0, kOp,
-                "q's " + std::to_string(num_q_heads) + " heads must be a multiple of k_cache's " +
-                    std::to_string(num_kv_heads) + " KV heads");
-  engine::check(k_cache.size(1) > 0, kOp,
-                "k_cache must have a block size of at least 1, got " + k_cache.describe());
-  engine::check(head_dim <= 256, kOp,
-                "head_dim must be at most 256 on CUDA, got q " + q.describe());
+  ENGINE_CHECK(num_kv_heads > 0 && num_q_heads % num_kv_heads == 0, kOp,
+               "q's " + std::to_string(num_q_heads) + " heads must be a multiple of k_cache's " +
+                   std::to_string(num_kv_heads) + " KV heads");
+  ENGINE_CHECK(k_cache.size(1) > 0, kOp,
+               "k_cache must have a block size of at least 1, got " + k_cache.describe());
+  ENGINE_CHECK(head_dim <= 256, kOp, "head_dim must be at most 256 on CUDA, got q " + q.describe());
   engine::check_dtype(block_tables, kOp, "block_tables", {DType::i32});
   engine::check_ndim(block_tables, kOp, "block_tables", 2);
   const int64_t num_seqs = block_tables.size(0);
@@ -67,13 +66,12 @@ void check_args(const TensorView& q, const TensorView& k_cache, const TensorView
   engine::check_dtype(out, kOp, "out", {DType::f32});
   engine::check_shape(out, kOp, "out", {num_tokens, num_q_heads, head_dim});
   if (out.numel() > 0) engine::check_row_contiguous(out, kOp, "out");
-  engine::check(!overlaps(out, q) && !overlaps(out, k_cache) && !overlaps(out, v_cache), kOp,
-                "out must not share memory with q, k_cache or v_cache");
-  engine::check(std::isfinite(scale), kOp, "scale must be finite, got " + std::to_string(scale));
-  engine::check(num_tokens <= INT32_MAX / 256 && num_seqs < INT32_MAX / 2 &&
-                    num_q_heads <= 65535 &&
-                    block_tables.size(1) * k_cache.size(1) <= INT32_MAX / 2,
-                kOp, "sizes must fit 32-bit positions");
+  ENGINE_CHECK(!overlaps(out, q) && !overlaps(out, k_cache) && !overlaps(out, v_cache), kOp,
+               "out must not share memory with q, k_cache or v_cache");
+  ENGINE_CHECK(std::isfinite(scale), kOp, "scale must be finite, got " + std::to_string(scale));
+  ENGINE_CHECK(num_tokens <= INT32_MAX / 256 && num_seqs < INT32_MAX / 2 && num_q_heads <= 65535 &&
+                   block_tables.size(1) * k_cache.size(1) <= INT32_MAX / 2,
+               kOp, "sizes must fit 32-bit positions");
 }
 
 // ENGINE_CUDA_ATTENTION=prefill sends decode batches to the prefill kernel too: a switch

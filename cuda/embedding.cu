@@ -61,9 +61,10 @@ void embedding(const TensorView& ids, const TensorView& table, const TensorView&
 void copy(const TensorView& src, const TensorView& dst, cudaStream_t stream) {
   using namespace engine;
   const char* op = "copy";
-  check(src.ndim >= 1 && src.ndim <= 2, op, "src must have 1 or 2 dims, got " + src.describe());
-  check(dst.dtype == src.dtype && dst.ndim == src.ndim && dst.shape_str() == src.shape_str(), op,
-        "dst must be " + src.describe() + " like src, got " + dst.describe());
+  ENGINE_CHECK(src.ndim >= 1 && src.ndim <= 2, op,
+               "src must have 1 or 2 dims, got " + src.describe());
+  ENGINE_CHECK(dst.dtype == src.dtype && dst.ndim == src.ndim && dst.shape_str() == src.shape_str(),
+               op, "dst must be " + src.describe() + " like src, got " + dst.describe());
   check_rows(src, op, "src");
   check_rows(dst, op, "dst");
   if (src.numel() == 0) return;

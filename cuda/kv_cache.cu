@@ -107,9 +107,9 @@ void kv_cache_write(const TensorView& k, const TensorView& v, const TensorView& 
   engine::check_ndim(v, op, "v", 3);
   check_cache(k_cache, op, "k_cache");
   check_cache(v_cache, op, "v_cache");
-  engine::check(v_cache.dtype == k_cache.dtype, op,
-                "v_cache must have k_cache's dtype " + std::string(engine::dtype_name(k_cache.dtype)) +
-                    ", got " + v_cache.describe());
+  ENGINE_CHECK(v_cache.dtype == k_cache.dtype, op,
+               "v_cache must have k_cache's dtype " +
+                   std::string(engine::dtype_name(k_cache.dtype)) + ", got " + v_cache.describe());
   engine::check_dtype(slot_mapping, op, "slot_mapping", {DType::i32});
   engine::check_ndim(slot_mapping, op, "slot_mapping", 1);
   const int64_t num_tokens = k.size(0), num_kv_heads = k.size(1), head_dim = k.size(2);
@@ -118,8 +118,8 @@ void kv_cache_write(const TensorView& k, const TensorView& v, const TensorView& 
   engine::check_shape(v_cache, op, "v_cache",
                       {k_cache.size(0), k_cache.size(1), num_kv_heads, head_dim});
   engine::check_shape(slot_mapping, op, "slot_mapping", {num_tokens});
-  engine::check(k_cache.data != v_cache.data || k_cache.numel() == 0, op,
-                "k_cache and v_cache must be different arrays");
+  ENGINE_CHECK(k_cache.data != v_cache.data || k_cache.numel() == 0, op,
+               "k_cache and v_cache must be different arrays");
 
   const int64_t row_size = num_kv_heads * head_dim;
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
@@ -150,11 +150,11 @@ void kv_cache_copy(const TensorView& k_cache, const TensorView& v_cache,
   check_cache(v_cache, op, "v_cache");
   engine::check_shape(v_cache, op, "v_cache",
                       {k_cache.size(0), k_cache.size(1), k_cache.size(2), k_cache.size(3)});
-  engine::check(v_cache.dtype == k_cache.dtype, op,
-                "v_cache must have k_cache's dtype " + std::string(engine::dtype_name(k_cache.dtype)) +
-                    ", got " + v_cache.describe());
-  engine::check(k_cache.data != v_cache.data || k_cache.numel() == 0, op,
-                "k_cache and v_cache must be different arrays");
+  ENGINE_CHECK(v_cache.dtype == k_cache.dtype, op,
+               "v_cache must have k_cache's dtype " +
+                   std::string(engine::dtype_name(k_cache.dtype)) + ", got " + v_cache.describe());
+  ENGINE_CHECK(k_cache.data != v_cache.data || k_cache.numel() == 0, op,
+               "k_cache and v_cache must be different arrays");
   engine::check_dtype(src_blocks, op, "src_blocks", {DType::i32});
   engine::check_ndim(src_blocks, op, "src_blocks", 1);
   engine::check_dtype(dst_blocks, op, "dst_blocks", {DType::i32});

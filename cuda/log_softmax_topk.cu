@@ -141,18 +141,19 @@ void log_softmax_topk(const TensorView& logits, const TensorView& token_ids, int
   engine::check_ndim(logits, kOp, "logits", 2);
   check_rows(logits, kOp, "logits");
   const int64_t num_seqs = logits.size(0), vocab = logits.size(1);
-  engine::check(vocab > 0 && vocab <= INT_MAX, kOp,
-                "logits must have between 1 and 2^31 - 1 columns (the vocab), got " +
-                    logits.describe());
-  engine::check(k >= 0 && k <= vocab, kOp,
-                "k must be in [0, " + std::to_string(vocab) + "] (the vocab), got " + std::to_string(k));
+  ENGINE_CHECK(
+      vocab > 0 && vocab <= INT_MAX, kOp,
+      "logits must have between 1 and 2^31 - 1 columns (the vocab), got " + logits.describe());
+  ENGINE_CHECK(
+      k >= 0 && k <= vocab, kOp,
+      "k must be in [0, " + std::to_string(vocab) + "] (the vocab), got " + std::to_string(k));
   check_out(token_ids, "token_ids", DType::i32, {num_seqs});
   check_out(out_token_logprob, "out_token_logprob", DType::f32, {num_seqs});
   check_out(out_topk_ids, "out_topk_ids", DType::i32, {num_seqs, k});
   check_rows(out_topk_ids, kOp, "out_topk_ids");
   check_out(out_topk_logprobs, "out_topk_logprobs", DType::f32, {num_seqs, k});
   check_rows(out_topk_logprobs, kOp, "out_topk_logprobs");
-  engine::check(num_seqs <= INT_MAX, kOp, "logits must have at most 2^31 - 1 rows");
+  ENGINE_CHECK(num_seqs <= INT_MAX, kOp, "logits must have at most 2^31 - 1 rows");
   if (num_seqs == 0) return;
 
   Args a;

@@ -70,8 +70,8 @@ void check_common(const char* op, const TensorView& x, const TensorView& weight,
   check_rows(x, op, "x");
   check_dtype(weight, op, "weight", {DType::f32, DType::f16, DType::bf16});
   check_shape(weight, op, "weight", {x.size(1)});
-  check(weight.numel() <= 1 || weight.stride(0) == 1, op, "weight must be contiguous");
-  check(eps >= 0.0, op, "eps must be >= 0, got " + std::to_string(eps));
+  ENGINE_CHECK(weight.numel() <= 1 || weight.stride(0) == 1, op, "weight must be contiguous");
+  ENGINE_CHECK(eps >= 0.0, op, "eps must be >= 0, got " + std::to_string(eps));
 }
 
 }  // namespace

@@ -40,23 +40,23 @@ Heads check_heads(const TensorView& t, const char* arg, int64_t num_tokens, int6
   using namespace engine;
   const char* op = "rope";
   check_dtype(t, op, arg, {DType::f32});
-  check(t.ndim == 2 || t.ndim == 3, op,
-        std::string(arg) + " must have 2 dims [num_tokens, num_heads * head_dim], got " +
-            t.describe());
-  check(t.size(0) == num_tokens, op,
-        std::string(arg) + " must have " + std::to_string(num_tokens) +
-            " rows (one per position), got " + t.describe());
+  ENGINE_CHECK(t.ndim == 2 || t.ndim == 3, op,
+               std::string(arg) + " must have 2 dims [num_tokens, num_heads * head_dim], got " +
+                   t.describe());
+  ENGINE_CHECK(t.size(0) == num_tokens, op,
+               std::string(arg) + " must have " + std::to_string(num_tokens) +
+                   " rows (one per position), got " + t.describe());
   check_rows(t, op, arg);
   Heads h{t.ptr<float>(), 0, t.stride(0), head_dim};
   if (t.ndim == 2) {
-    check(t.size(1) % head_dim == 0, op,
-          std::string(arg) + " must have a multiple of head_dim " + std::to_string(head_dim) +
-              " columns, got " + t.describe());
+    ENGINE_CHECK(t.size(1) % head_dim == 0, op,
+                 std::string(arg) + " must have a multiple of head_dim " +
+                     std::to_string(head_dim) + " columns, got " + t.describe());
     h.num_heads = t.size(1) / head_dim;
   } else {
-    check(t.size(2) == head_dim, op,
-          std::string(arg) + " must have shape [*, *, " + std::to_string(head_dim) + "], got " +
-              t.describe());
+    ENGINE_CHECK(t.size(2) == head_dim, op,
+                 std::string(arg) + " must have shape [*, *, " + std::to_string(head_dim) +
+                     "], got " + t.describe());
     h.num_heads = t.size(1);
     h.head_stride = t.stride(1);
   }
@@ -71,14 +71,14 @@ void rope(const TensorView& positions, const TensorView& q, const TensorView& k,
   const char* op = "rope";
   check_dtype(positions, op, "positions", {DType::i32});
   check_ndim(positions, op, "positions", 1);
-  check(head_dim > 0, op, "head_dim must be > 0, got " + std::to_string(head_dim));
+  ENGINE_CHECK(head_dim > 0, op, "head_dim must be > 0, got " + std::to_string(head_dim));
   check_dtype(cos_sin_cache, op, "cos_sin_cache", {DType::f32});
   check_ndim(cos_sin_cache, op, "cos_sin_cache", 2);
   check_rows(cos_sin_cache, op, "cos_sin_cache");
   const int64_t max_position = cos_sin_cache.size(0), rotary_dim = cos_sin_cache.size(1);
-  check(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, op,
-        "cos_sin_cache must have an even number of columns (rotary_dim) in [2, head_dim " +
-            std::to_string(head_dim) + "], got " + cos_sin_cache.describe());
+  ENGINE_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, op,
+               "cos_sin_cache must have an even number of columns (rotary_dim) in [2, head_dim " +
+                   std::to_string(head_dim) + "], got " + cos_sin_cache.describe());
   const int64_t num_tokens = positions.size(0);
   const Heads qh = check_heads(q, "q", num_tokens, head_dim);
   const Heads kh = check_heads(k, "k", num_tokens, head_dim);

@@ -212,16 +212,16 @@ void sample(const TensorView& logits, const TensorView& temperature, const Tenso
   engine::check_ndim(logits, op, "logits", 2);
   check_rows(logits, op, "logits");
   const int64_t num_seqs = logits.size(0), vocab = logits.size(1);
-  engine::check(vocab > 0 && vocab <= INT_MAX, op,
-                "logits must have between 1 and 2^31 - 1 columns (the vocab), got " +
-                    logits.describe());
+  ENGINE_CHECK(
+      vocab > 0 && vocab <= INT_MAX, op,
+      "logits must have between 1 and 2^31 - 1 columns (the vocab), got " + logits.describe());
   check_per_row(temperature, "temperature", DType::f32, num_seqs);
   check_per_row(top_k, "top_k", DType::i32, num_seqs);
   check_per_row(top_p, "top_p", DType::f32, num_seqs);
   check_per_row(min_p, "min_p", DType::f32, num_seqs);
   check_per_row(rng_state, "rng_state", DType::u64, num_seqs);
   check_per_row(out, "out", DType::i32, num_seqs);
-  engine::check(num_seqs <= INT_MAX, op, "logits must have at most 2^31 - 1 rows");
+  ENGINE_CHECK(num_seqs <= INT_MAX, op, "logits must have at most 2^31 - 1 rows");
   if (num_seqs == 0) return;
 
   SampleArgs a;

@@ -63,8 +63,8 @@ void silu_and_mul(const TensorView& x, const TensorView& out) {
   check_dtype(x, op, "x", {DType::f32});
   check_ndim(x, op, "x", 2);
   check_nonempty_row_contiguous(x, op, "x");
-  check(x.size(1) % 2 == 0, op,
-        "x must have an even number of columns [gate | up], got " + x.describe());
+  ENGINE_CHECK(x.size(1) % 2 == 0, op,
+               "x must have an even number of columns [gate | up], got " + x.describe());
   const int64_t num_tokens = x.size(0), d = x.size(1) / 2;
   check_dtype(out, op, "out", {DType::f32});
   check_shape(out, op, "out", {num_tokens, d});

@@ -52,15 +52,16 @@ void check_csr(const TensorView& tokens, const char* tokens_arg, const TensorVie
   const List<int32_t> off = list_of<int32_t>(offsets);
   const int64_t num_tokens = tokens.size(0);
   const std::string name(offsets_arg);
-  check(off[0] >= 0, kOp, name + "[0] = " + std::to_string(off[0]) + " is negative");
+  ENGINE_CHECK(off[0] >= 0, kOp, name + "[0] = " + std::to_string(off[0]) + " is negative");
   for (int64_t s = 0; s < num_seqs; ++s)
     if (off[s + 1] < off[s])
       fail(kOp, name + " must be non-decreasing, got " + name + "[" + std::to_string(s + 1) + "] = " +
               std::to_string(off[s + 1]) + " < " + name + "[" + std::to_string(s) + "] = " +
               std::to_string(off[s]));
-  check(off[num_seqs] <= num_tokens, kOp,
-        name + "[" + std::to_string(num_seqs) + "] = " + std::to_string(off[num_seqs]) +
-            " is past the end of " + tokens_arg + " (length " + std::to_string(num_tokens) + ")");
+  ENGINE_CHECK(off[num_seqs] <= num_tokens, kOp,
+               name + "[" + std::to_string(num_seqs) + "] = " + std::to_string(off[num_seqs]) +
+                   " is past the end of " + tokens_arg + " (length " + std::to_string(num_tokens) +
+                   ")");
   const List<int32_t> ids = list_of<int32_t>(tokens);
   for (int64_t j = off[0]; j < off[num_seqs]; ++j)
     if (ids[j] < 0 || ids[j] >= vocab)
@@ -83,9 +84,9 @@ void check_penalty(const TensorView& t, const char* arg, int64_t num_seqs, bool 
 void check_bias_values(const TensorView& bias_values, const TensorView& bias_offsets,
                        int64_t num_seqs, int64_t num_bias) {
   check_list(bias_values, "bias_values", DType::f32);
-  check(bias_values.size(0) == num_bias, kOp,
-        "bias_values must have the length of bias_ids (" + std::to_string(num_bias) + "), got " +
-            bias_values.describe());
+  ENGINE_CHECK(bias_values.size(0) == num_bias, kOp,
+               "bias_values must have the length of bias_ids (" + std::to_string(num_bias) +
+                   "), got " + bias_values.describe());
   const List<int32_t> off = list_of<int32_t>(bias_offsets);
   const List<float> v = list_of<float>(bias_values);
   for (int64_t j = off[0]; j < off[num_seqs]; ++j)
@@ -154,8 +155,9 @@ void apply_penalties(const TensorView& logits, const TensorView& prompt_tokens,
   check_ndim(logits, kOp, "logits", 2);
   if (logits.numel() > 0) check_row_contiguous(logits, kOp, "logits");
   const int64_t num_seqs = logits.size(0), vocab = logits.size(1);
-  check(vocab > 0 && vocab <= std::numeric_limits<int32_t>::max(), kOp,
-        "logits must have between 1 and 2^31 - 1 columns (the vocab), got " + logits.describe());
+  ENGINE_CHECK(
+      vocab > 0 && vocab <= std::numeric_limits<int32_t>::max(), kOp,
+      "logits must have between 1 and 2^31 - 1 columns (the vocab), got " + logits.describe());
   check_csr(prompt_tokens, "prompt_tokens", prompt_offsets, "prompt_offsets", num_seqs, vocab);
   check_csr(output_tokens, "output_tokens", output_offsets, "output_offsets", num_seqs, vocab);
   check_csr(bias_ids, "bias_ids", bias_offsets, "bias_offsets", num_seqs, vocab);

@@ -48,18 +48,19 @@ void check_tensors(const TensorView& q, const TensorView& k_cache, const TensorV
   const int64_t num_tokens = q.size(0), num_q_heads = q.size(1), head_dim = q.size(2);
   for (const auto* c : {&k_cache, &v_cache}) {
     const char* arg = c == &k_cache ? "k_cache" : "v_cache";
-    check_dtype(*c, kOp, arg, {DType::f32});
+    check_dtype(*c, kOp, arg, {DType::f32, DType::bf16, DType::f16});
     check_ndim(*c, kOp, arg, 4);
     check_dense(*c, arg);
   }
+  check_same_dtype(v_cache, k_cache, kOp, "v_cache", "k_cache");
   check_shape(k_cache, kOp, "k_cache", {-1, -1, -1, head_dim});
   check_shape(v_cache, kOp, "v_cache", {k_cache.size(0), k_cache.size(1), k_cache.size(2), head_dim});
   const int64_t num_kv_heads = k_cache.size(2);
-  check(num_kv_heads > 0 && num_q_heads % num_kv_heads == 0, kOp,
-        "q's " + std::to_string(num_q_heads) + " heads must be a multiple of k_cache's " +
-            std::to_string(num_kv_heads) + " KV heads");
-  check(k_cache.size(1) > 0, kOp, "k_cache must have a block size of at least 1, got " +
-                                      k_cache.describe());
+  ENGINE_CHECK(num_kv_heads > 0 && num_q_heads % num_kv_heads == 0, kOp,
+               "q's " + std::to_string(num_q_heads) + " heads must be a multiple of k_cache's " +
+                   std::to_string(num_kv_heads) + " KV heads");
+  ENGINE_CHECK(k_cache.size(1) > 0, kOp,
+               "k_cache must have a block size of at least 1, got " + k_cache.describe());
   check_dtype(block_tables, kOp, "block_tables", {DType::i32});
   check_ndim(block_tables, kOp, "block_tables", 2);
   const int64_t num_seqs = block_tables.size(0);
@@ -70,9 +71,9 @@ void check_tensors(const TensorView& q, const TensorView& k_cache, const TensorV
   check_dtype(out, kOp, "out", {DType::f32});
   check_shape(out, kOp, "out", {num_tokens, num_q_heads, head_dim});
   check_rows(out, "out");
-  check(!overlaps(out, q) && !overlaps(out, k_cache) && !overlaps(out, v_cache), kOp,
-        "out must not share memory with q, k_cache or v_cache");
-  check(std::isfinite(scale), kOp, "scale must be finite, got " + std::to_string(scale));
+  ENGINE_CHECK(!overlaps(out, q) && !overlaps(out, k_cache) && !overlaps(out, v_cache), kOp,
+               "out must not share memory with q, k_cache or v_cache");
+  ENGINE_CHECK(std::isfinite(scale), kOp, "scale must be finite, got " + std::to_string(scale));
 }
 
 // query_start_loc partitions [0, num_tokens); each sequence's new tokens fit in its
@@ -82,28 +83,31 @@ void check_batch(const TensorView& q, const TensorView& k_cache, const TensorVie
   const int64_t num_seqs = seq_lens.size(0), num_tokens = q.size(0);
   const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1);
   const int64_t max_blocks = block_tables.size(1);
-  check(at(query_start_loc, 0) == 0, kOp,
-        "query_start_loc[0] must be 0, got " + std::to_string(at(query_start_loc, 0)));
-  check(at(query_start_loc, num_seqs) == num_tokens, kOp,
-        "query_start_loc[" + std::to_string(num_seqs) + "] must equal q's " +
-            std::to_string(num_tokens) + " tokens, got " + std::to_string(at(query_start_loc, num_seqs)));
+  ENGINE_CHECK(at(query_start_loc, 0) == 0, kOp,
+               "query_start_loc[0] must be 0, got " + std::to_string(at(query_start_loc, 0)));
+  ENGINE_CHECK(at(query_start_loc, num_seqs) == num_tokens, kOp,
+               "query_start_loc[" + std::to_string(num_seqs) + "] must equal q's " +
+                   std::to_string(num_tokens) + " tokens, got " +
+                   std::to_string(at(query_start_loc, num_seqs)));
   const int32_t* table = block_tables.ptr<int32_t>();
   for (int64_t s = 0; s < num_seqs; ++s) {
-    const std::string ss = std::to_string(s);
     const int64_t num_new = at(query_start_loc, s + 1) - at(query_start_loc, s);
     const int64_t seq_len = at(seq_lens, s);
-    check(num_new >= 0, kOp, "query_start_loc must be non-decreasing, but query_start_loc[" +
-                                 std::to_string(s + 1) + "] < query_start_loc[" + ss + "]");
-    check(seq_len >= num_new && seq_len <= max_blocks * block_size, kOp,
-          "seq_lens[" + ss + "] = " + std::to_string(seq_len) + " must lie between its " +
-              std::to_string(num_new) + " new tokens and the block table's " +
-              std::to_string(max_blocks * block_size) + " slots");
+    ENGINE_CHECK(num_new >= 0, kOp,
+                 "query_start_loc must be non-decreasing, but query_start_loc[" +
+                     std::to_string(s + 1) + "] < query_start_loc[" + std::to_string(s) + "]");
+    ENGINE_CHECK(seq_len >= num_new && seq_len <= max_blocks * block_size, kOp,
+                 "seq_lens[" + std::to_string(s) + "] = " + std::to_string(seq_len) +
+                     " must lie between its " + std::to_string(num_new) +
+                     " new tokens and the block table's " +
+                     std::to_string(max_blocks * block_size) + " slots");
     const int64_t used = (seq_len + block_size - 1) / block_size;
     for (int64_t b = 0; b < used; ++b) {
       const int64_t id = table[s * block_tables.stride(0) + b * block_tables.stride(1)];
       if (id < 0 || id >= num_blocks)
-        fail(kOp, "block_tables[" + ss + ", " + std::to_string(b) + "] = " + std::to_string(id) +
-                      " is outside the cache's " + std::to_string(num_blocks) + " blocks");
+        fail(kOp, "block_tables[" + std::to_string(s) + ", " + std::to_string(b) +
+                      "] = " + std::to_string(id) + " is outside the cache's " +
+                      std::to_string(num_blocks) + " blocks");
     }
   }
 }
@@ -113,16 +117,18 @@ void check_batch(const TensorView& q, const TensorView& k_cache, const TensorVie
 // ================================================================================
 
 struct PortableOps {
-  static float dot(const float* a, const float* b, int64_t n) {
+  template <typename T>
+  static float dot(const float* a, const T* b, int64_t n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent sums the compiler can vectorise
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
-      for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * b[i + k];
+      for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * load1(b + i + k);
     float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; i < n; ++i) sum += a[i] * b[i];
+    for (; i < n; ++i) sum += a[i] * load1(b + i);
     return sum;
   }
-  static void dot4(const float* a, const float* b, int64_t b_stride, int64_t n, float* s) {
+  template <typename T>
+  static void dot4(const float* a, const T* b, int64_t b_stride, int64_t n, float* s) {
     for (int r = 0; r < 4; ++r) s[r] = dot(a, b + r * b_stride, n);
   }
   static void scale(float* y, float alpha, int64_t n) {
@@ -136,18 +142,19 @@ struct PortableOps {
     }
     return sum;
   }
-  static void axpy_rows(float* y, const float* p, const float* x, int64_t x_stride, int64_t n,
+  template <typename T>
+  static void axpy_rows(float* y, const float* p, const T* x, int64_t x_stride, int64_t n,
                         int64_t dim) {
     for (int64_t j = 0; j < n; ++j) {
       const float pj = p[j];
-      const float* xj = x + j * x_stride;
-      for (int64_t i = 0; i < dim; ++i) y[i] += pj * xj[i];
+      const T* xj = x + j * x_stride;
+      for (int64_t i = 0; i < dim; ++i) y[i] += pj * load1(xj + i);
     }
   }
 };
 
 void attend_item_portable(const Args& a, const Item& it, const Dest& d) {
-  attend_item<PortableOps>(a, it, d);
+  with_cache_type(a, [&](auto t) { attend_item<PortableOps, decltype(t)>(a, it, d); });
 }
 
 using AttendFn = void (*)(const Args&, const Item&, const Dest&);
@@ -167,7 +174,8 @@ AttendFn pick_kernel() {
 // Work items and the split-KV merge
 // ================================================================================
 
-constexpr int64_t kSplitKv = 512;  // KV positions per split piece
+constexpr int64_t kSplitKv = 512;        // KV positions per split piece of a per-head item
+constexpr int64_t kSplitKvDecode = 128;  // of a decode item (all KV heads: more work per position)
 
 struct Plan {
   std::vector<Item> items;
@@ -187,20 +195,32 @@ int64_t rows_per_tile(int64_t group) {
   return group <= kMaxRows ? (kMaxRows / group) * group : kMaxRows;
 }
 
+// A split item's scratch accumulators: its rows (< kMaxRows) start at row_begin % width of
+// a token's width = num_heads * group query heads (width <= kMaxRows for decode items).
+int64_t acc_floats(const Args& a) {
+  return (kMaxRows + (a.group > kMaxRows ? a.group : kMaxRows)) * a.head_dim;
+}
+
 void make_plan(Plan& p, const Args& a, const TensorView& seq_lens,
                const TensorView& query_start_loc, int num_threads) {
   p.items.clear();
   p.split_slot.clear();
   p.groups.clear();
   const int64_t tile = rows_per_tile(a.group);
+  const int64_t num_q_heads = a.num_kv_heads * a.group;
   for (int64_t s = 0; s < seq_lens.size(0); ++s) {
     const int64_t start = at(query_start_loc, s), num_new = at(query_start_loc, s + 1) - start;
     const int64_t context_len = at(seq_lens, s) - num_new;
+    if (num_new == 1 && num_q_heads <= kMaxRows) {  // decode: one item over every head
+      p.items.push_back(
+          {s, 0, a.num_kv_heads, start, context_len, 0, num_q_heads, 0, context_len + 1});
+      continue;
+    }
     for (int64_t h = 0; h < a.num_kv_heads; ++h)
       for (int64_t r = 0; r < num_new * a.group; r += tile) {
         const int64_t r_end = r + tile < num_new * a.group ? r + tile : num_new * a.group;
         const int64_t kv_end = context_len + (r_end - 1) / a.group + 1;
-        p.items.push_back({s, h, start, context_len, r, r_end, 0, kv_end});
+        p.items.push_back({s, h, 1, start, context_len, r, r_end, 0, kv_end});
       }
   }
   // Long KV ranges are split into pieces at fixed multiples of kSplitKv (flash-decoding), so
@@ -210,7 +230,8 @@ void make_plan(Plan& p, const Args& a, const TensorView& seq_lens,
   whole.swap(p.items);
   int64_t num_slots = 0;
   for (const Item& it : whole) {
-    const int64_t n = (it.kv_end + kSplitKv - 1) / kSplitKv;
+    const int64_t split = it.num_heads > 1 ? kSplitKvDecode : kSplitKv;
+    const int64_t n = (it.kv_end + split - 1) / split;
     if (n <= 1) {
       p.items.push_back(it);
       p.split_slot.push_back(-1);
@@ -219,14 +240,14 @@ void make_plan(Plan& p, const Args& a, const TensorView& seq_lens,
     p.groups.push_back(static_cast<int64_t>(p.items.size()));  // first piece
     for (int64_t k = 0; k < n; ++k) {
       Item part = it;
-      part.kv_begin = k * kSplitKv;
-      part.kv_end = (k + 1) * kSplitKv < it.kv_end ? (k + 1) * kSplitKv : it.kv_end;
+      part.kv_begin = k * split;
+      part.kv_end = (k + 1) * split < it.kv_end ? (k + 1) * split : it.kv_end;
       p.items.push_back(part);
       p.split_slot.push_back(num_slots++);
     }
     p.groups.push_back(static_cast<int64_t>(p.items.size()));  // one past the last piece
   }
-  p.slot_size = (kMaxRows + a.group) * a.head_dim + 2 * kMaxRows;
+  p.slot_size = acc_floats(a) + 2 * kMaxRows;
   if (static_cast<int64_t>(p.scratch.size()) < num_slots * p.slot_size)
     p.scratch.resize(num_slots * p.slot_size);
 }
@@ -238,18 +259,20 @@ Dest dest_for(Plan& p, const Args& a, int64_t i) {
     float* base = a.out + it.q_start * a.out_token_stride + it.kv_head * a.group * a.out_head_stride;
     return {base, a.out_token_stride, a.out_head_stride, 0, nullptr, nullptr};
   }
+  const int64_t width = it.num_heads * a.group;
   float* base = p.scratch.data() + slot * p.slot_size;
-  float* m = base + (kMaxRows + a.group) * a.head_dim;
-  return {base, a.group * a.head_dim, a.head_dim, it.row_begin / a.group, m, m + kMaxRows};
+  float* m = base + acc_floats(a);
+  return {base, width * a.head_dim, a.head_dim, it.row_begin / width, m, m + kMaxRows};
 }
 
 // out = sum_k acc_k * exp(m_k - M) / sum_k l_k * exp(m_k - M), M = max_k m_k, per row.
 void merge_group(Plan& p, const Args& a, int64_t first, int64_t last) {
   const Item& it = p.items[first];
-  const int64_t D = a.head_dim, G = a.group;
+  const int64_t D = a.head_dim, W = it.num_heads * a.group;
   for (int64_t i = 0; i < it.row_end - it.row_begin; ++i) {
-    const int64_t r = it.row_begin + i, t = r / G, g = r % G;
-    float* y = a.out + (it.q_start + t) * a.out_token_stride + (it.kv_head * G + g) * a.out_head_stride;
+    const int64_t r = it.row_begin + i, t = r / W, g = r % W;
+    const int64_t h = it.kv_head * a.group + g;
+    float* y = a.out + (it.q_start + t) * a.out_token_stride + h * a.out_head_stride;
     float big = -INFINITY;
     for (int64_t k = first; k < last; ++k) {
       const Dest d = dest_for(p, a, k);
@@ -280,11 +303,13 @@ void paged_attention(const TensorView& q, const TensorView& k_cache, const Tenso
   check_tensors(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
   check_batch(q, k_cache, block_tables, seq_lens, query_start_loc);
 
+  // clang-format off
   const Args a{q.ptr<float>(), q.stride(0), q.stride(1),
-               k_cache.ptr<float>(), v_cache.ptr<float>(),
+               k_cache.data, v_cache.data, k_cache.dtype,
                k_cache.size(1), k_cache.size(2), q.size(2), q.size(1) / k_cache.size(2),
                block_tables.ptr<int32_t>(), block_tables.stride(0), block_tables.stride(1),
                out.ptr<float>(), out.stride(0), out.stride(1), static_cast<float>(scale)};
+  // clang-format on
   if (a.head_dim == 0 || q.size(0) == 0 || q.size(1) == 0) return;
 
   Plan& p = thread_plan();

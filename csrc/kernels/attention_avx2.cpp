@@ -16,21 +16,33 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// 8 cached values as float32 (bfloat16 widens by a shift, float16 by F16C).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const bf16_t* p) {
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline __m256 load8(const f16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 struct Avx2Ops {
-  static float dot(const float* a, const float* b, int64_t n) {
+  template <typename T>
+  static float dot(const float* a, const T* b, int64_t n) {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
-      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+      s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
+      s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), s1);
     }
-    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
     float sum = hsum(_mm256_add_ps(s0, s1));
-    for (; i < n; ++i) sum += a[i] * b[i];
+    for (; i < n; ++i) sum += a[i] * load1(b + i);
     return sum;
   }
 
-  static void dot4(const float* a, const float* b, int64_t b_stride, int64_t n, float* s) {
+  template <typename T>
+  static void dot4(const float* a, const T* b, int64_t b_stride, int64_t n, float* s) {
     for (int r = 0; r < 4; ++r) s[r] = dot(a, b + r * b_stride, n);
   }
 
@@ -64,18 +76,19 @@ struct Avx2Ops {
   }
 
   // The accumulator stays in a register across all n value rows.
-  static void axpy_rows(float* y, const float* p, const float* x, int64_t x_stride, int64_t n,
+  template <typename T>
+  static void axpy_rows(float* y, const float* p, const T* x, int64_t x_stride, int64_t n,
                         int64_t dim) {
     int64_t i = 0;
     for (; i + 8 <= dim; i += 8) {
       __m256 acc = _mm256_loadu_ps(y + i);
       for (int64_t j = 0; j < n; ++j)
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), _mm256_loadu_ps(x + j * x_stride + i), acc);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(p[j]), load8(x + j * x_stride + i), acc);
       _mm256_storeu_ps(y + i, acc);
     }
     for (; i < dim; ++i) {
       float acc = y[i];
-      for (int64_t j = 0; j < n; ++j) acc += p[j] * x[j * x_stride + i];
+      for (int64_t j = 0; j < n; ++j) acc += p[j] * load1(x + j * x_stride + i);
       y[i] = acc;
     }
   }
@@ -84,7 +97,7 @@ struct Avx2Ops {
 }  // namespace
 
 void attend_item_avx2(const Args& a, const Item& it, const Dest& d) {
-  attend_item<Avx2Ops>(a, it, d);
+  with_cache_type(a, [&](auto t) { attend_item<Avx2Ops, decltype(t)>(a, it, d); });
 }
 
 }  // namespace attention

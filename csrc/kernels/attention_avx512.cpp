@@ -2,6 +2,8 @@
 // those flags (see CMakeLists.txt) and called only where the CPU has them.
 #include <immintrin.h>
 
+#include <cmath>
+
 #include "attention_kernels.h"
 #include "vec_exp.h"
 
@@ -11,35 +13,53 @@ namespace {
 
 inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
 
+// 16 cached values as float32 (bfloat16 widens by a shift, float16 by vcvtph2ps), all or
+// the masked ones.
+inline __m512 widen(__m256i h, bf16_t) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 widen(__m256i h, f16_t) { return _mm512_cvtph_ps(h); }
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(__mmask16 k, const float* p) { return _mm512_maskz_loadu_ps(k, p); }
+template <typename T>
+inline __m512 load16(const T* p) {
+  return widen(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)), T{});
+}
+template <typename T>
+inline __m512 load16(__mmask16 k, const T* p) {
+  return widen(_mm256_maskz_loadu_epi16(k, p), T{});
+}
+
 struct Avx512Ops {
-  static float dot(const float* a, const float* b, int64_t n) {
+  template <typename T>
+  static float dot(const float* a, const T* b, int64_t n) {
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
-      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), s0);
+      s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), load16(b + i + 16), s1);
     }
-    for (; i + 16 <= n; i += 16)
-      s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load16(b + i), s0);
     if (i < n) {
       const __mmask16 m = tail_mask(n - i);
-      s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), s1);
+      s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), load16(m, b + i), s1);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
   }
 
   // Four keys against one query: q is loaded once, and the four sums share one
   // reduction tree instead of four horizontal reductions.
-  static void dot4(const float* a, const float* b, int64_t b_stride, int64_t n, float* s) {
-    const float *b0 = b, *b1 = b + b_stride, *b2 = b + 2 * b_stride, *b3 = b + 3 * b_stride;
+  template <typename T>
+  static void dot4(const float* a, const T* b, int64_t b_stride, int64_t n, float* s) {
+    const T *b0 = b, *b1 = b + b_stride, *b2 = b + 2 * b_stride, *b3 = b + 3 * b_stride;
     __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     for (int64_t i = 0; i < n; i += 16) {
       const __mmask16 k = n - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(n - i);
       const __m512 x = _mm512_maskz_loadu_ps(k, a + i);
-      s0 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k, b0 + i), s0);
-      s1 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k, b1 + i), s1);
-      s2 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k, b2 + i), s2);
-      s3 = _mm512_fmadd_ps(x, _mm512_maskz_loadu_ps(k, b3 + i), s3);
+      s0 = _mm512_fmadd_ps(x, load16(k, b0 + i), s0);
+      s1 = _mm512_fmadd_ps(x, load16(k, b1 + i), s1);
+      s2 = _mm512_fmadd_ps(x, load16(k, b2 + i), s2);
+      s3 = _mm512_fmadd_ps(x, load16(k, b3 + i), s3);
     }
     auto fold = [](__m512 v) {
       return _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
@@ -79,9 +99,8 @@ struct Avx512Ops {
 
   // y += sum_j p[j] * x[j]: the whole row of accumulators (NV vectors) stays in registers
   // across the n value rows, two sets of them so that no FMA waits on the one before.
-  template <int NV>
-  static void axpy_rows_fixed(float* y, const float* p, const float* x, int64_t x_stride,
-                              int64_t n) {
+  template <int NV, typename T>
+  static void axpy_rows_fixed(float* y, const float* p, const T* x, int64_t x_stride, int64_t n) {
     __m512 a0[NV], a1[NV];
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) {
@@ -91,24 +110,25 @@ struct Avx512Ops {
     int64_t j = 0;
     for (; j + 2 <= n; j += 2) {
       const __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
-      const float* x0 = x + j * x_stride;
+      const T* x0 = x + j * x_stride;
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) {
-        a0[v] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(x0 + 16 * v), a0[v]);
-        a1[v] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(x0 + x_stride + 16 * v), a1[v]);
+        a0[v] = _mm512_fmadd_ps(p0, load16(x0 + 16 * v), a0[v]);
+        a1[v] = _mm512_fmadd_ps(p1, load16(x0 + x_stride + 16 * v), a1[v]);
       }
     }
     if (j < n) {
       const __m512 p0 = _mm512_set1_ps(p[j]);
 #pragma GCC unroll 8
       for (int v = 0; v < NV; ++v)
-        a0[v] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(x + j * x_stride + 16 * v), a0[v]);
+        a0[v] = _mm512_fmadd_ps(p0, load16(x + j * x_stride + 16 * v), a0[v]);
     }
 #pragma GCC unroll 8
     for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + 16 * v, _mm512_add_ps(a0[v], a1[v]));
   }
 
-  static void axpy_rows(float* y, const float* p, const float* x, int64_t x_stride, int64_t n,
+  template <typename T>
+  static void axpy_rows(float* y, const float* p, const T* x, int64_t x_stride, int64_t n,
                         int64_t dim) {
     switch (dim) {  // the common head sizes
       case 64: return axpy_rows_fixed<4>(y, p, x, x_stride, n);
@@ -119,16 +139,178 @@ struct Avx512Ops {
       const __mmask16 k = dim - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(dim - i);
       __m512 acc = _mm512_maskz_loadu_ps(k, y + i);
       for (int64_t j = 0; j < n; ++j)
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(k, x + j * x_stride + i), acc);
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), load16(k, x + j * x_stride + i), acc);
       _mm512_mask_storeu_ps(y + i, k, acc);
     }
   }
 };
 
+// ---- head_dim 64 and 128: scores of 16 positions per row in one vector --------------
+
+// s[j] = sum of v[j]'s 16 lanes, j < 16: a transpose-and-add instead of 16 reductions.
+inline __m512 sum16(const __m512 (&v)[16]) {
+  __m512 u[4];
+  for (int q = 0; q < 4; ++q) {
+    __m512 t[2];
+    for (int h = 0; h < 2; ++h) {
+      const __m512 a = v[4 * q + 2 * h], b = v[4 * q + 2 * h + 1];
+      t[h] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    }
+    // per 128-bit lane L: [v0_L, v1_L, v2_L, v3_L], partial sums over the lane's 4 floats
+    u[q] = _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], 0x44), _mm512_shuffle_ps(t[0], t[1], 0xEE));
+  }
+  const __m512 w0 =
+      _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xDD));
+  const __m512 w1 =
+      _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xDD));
+}
+
+// q . k[j * stride] for the n <= 16 positions of a chunk (lanes past n are 0).
+template <int NV, typename T>
+inline __m512 scores16(const float* q, const T* k, int64_t stride, int64_t n) {
+  __m512 qv[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) qv[v] = _mm512_loadu_ps(q + 16 * v);
+  __m512 s[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) {
+    if (j < n) {
+      const T* kj = k + j * stride;
+      __m512 acc = _mm512_mul_ps(qv[0], load16(kj));
+#pragma GCC unroll 8
+      for (int v = 1; v < NV; ++v) acc = _mm512_fmadd_ps(qv[v], load16(kj + 16 * v), acc);
+      s[j] = acc;
+    } else {
+      s[j] = _mm512_setzero_ps();
+    }
+  }
+  return sum16(s);
+}
+
+// Rows [i0, i0 + R) of a chunk: scores, online-softmax update, then the value rows, each
+// loaded once for all R rows. Row i sees the chunk's first valid[i] positions only.
+template <int NV, int R, typename T>
+inline void chunk_rows(Rows& rw, int64_t i0, float scale, int64_t pos, int64_t n, const T* k,
+                       const T* v, int64_t stride) {
+  alignas(64) float p[R][16];
+  float alpha[R];
+  int64_t valid[R];
+  int64_t lo = 16, hi = 0;  // every row sees [0, lo); some see [lo, hi)
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const int64_t i = i0 + r;
+    valid[r] = min_i64(n, rw.limit[i] - pos);
+    alpha[r] = 1.0f;
+    if (valid[r] <= 0) {
+      valid[r] = 0;
+      lo = 0;
+      continue;
+    }
+    lo = min_i64(lo, valid[r]);
+    hi = max_i64(hi, valid[r]);
+    const __mmask16 mask = tail_mask(valid[r]);
+    const __m512 s =
+        _mm512_mul_ps(scores16<NV>(rw.q[i], k, stride, valid[r]), _mm512_set1_ps(scale));
+    const float chunk_max = _mm512_mask_reduce_max_ps(mask, s);
+    const float m_new = chunk_max > rw.m[i] ? chunk_max : rw.m[i];
+    if (m_new != rw.m[i] && rw.m[i] != -INFINITY) alpha[r] = expf(rw.m[i] - m_new);
+    rw.m[i] = m_new;
+    const __m512 e = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(s, _mm512_set1_ps(m_new))));
+    rw.l[i] = rw.l[i] * alpha[r] + _mm512_reduce_add_ps(e);
+    _mm512_store_ps(p[r], e);
+  }
+  if (hi == 0) return;
+  __m512 acc[R][NV];
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r) {
+    const __m512 a = _mm512_set1_ps(alpha[r]);
+#pragma GCC unroll 8
+    for (int e = 0; e < NV; ++e)
+      acc[r][e] = _mm512_mul_ps(_mm512_loadu_ps(rw.acc[i0 + r] + 16 * e), a);
+  }
+  for (int64_t j = 0; j < lo; ++j) {
+    __m512 x[NV];
+    // Loaded once for the R rows: without the barrier GCC folds the load into each
+    // row's FMA, and loads (one 512-bit a cycle) would bound the loop instead of FMAs.
+#pragma GCC unroll 8
+    for (int e = 0; e < NV; ++e) {
+      x[e] = load16(v + j * stride + 16 * e);
+      __asm__("" : "+v"(x[e]));
+    }
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 pj = _mm512_set1_ps(p[r][j]);
+#pragma GCC unroll 8
+      for (int e = 0; e < NV; ++e) acc[r][e] = _mm512_fmadd_ps(pj, x[e], acc[r][e]);
+    }
+  }
+  for (int64_t j = lo; j < hi; ++j) {  // causal tails of prefill rows
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      if (j >= valid[r]) continue;
+      const __m512 pj = _mm512_set1_ps(p[r][j]);
+#pragma GCC unroll 8
+      for (int e = 0; e < NV; ++e)
+        acc[r][e] = _mm512_fmadd_ps(pj, load16(v + j * stride + 16 * e), acc[r][e]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 8
+    for (int e = 0; e < NV; ++e) _mm512_storeu_ps(rw.acc[i0 + r] + 16 * e, acc[r][e]);
+}
+
+// attend_item for head_dim = 16 * NV: 16-position chunks, rows in groups of R that share
+// each value row's load (R * NV accumulators stay in registers).
+template <int NV, typename T>
+void attend_item_fast(const Args& a, const Item& it, const Dest& d) {
+  constexpr int R = NV <= 4 ? 4 : 2;
+  const int64_t stride = a.num_kv_heads * a.head_dim;
+  Rows rw;
+  init_rows(a, it, d, rw);
+  for_each_chunk<T>(a, it, rw.kv_end, 16, [&](int64_t pos, int64_t n, const T* k, const T* v) {
+    for (int64_t i = 0; i < rw.n;) {  // runs of rows on one KV head, R rows at a time
+      const int64_t off = rw.kv_offset[i];
+      int64_t end = i + 1;
+      while (end < rw.n && rw.kv_offset[end] == off) ++end;
+      const T *kh = k + off, *vh = v + off;
+      for (; i + R <= end; i += R) chunk_rows<NV, R>(rw, i, a.scale, pos, n, kh, vh, stride);
+      switch (end - i) {  // the last few rows (a decode's group of 3 query heads, say)
+        case 3:
+          chunk_rows<NV, 3>(rw, i, a.scale, pos, n, kh, vh, stride);
+          break;
+        case 2:
+          chunk_rows<NV, 2>(rw, i, a.scale, pos, n, kh, vh, stride);
+          break;
+        case 1:
+          chunk_rows<NV, 1>(rw, i, a.scale, pos, n, kh, vh, stride);
+          break;
+        default:
+          break;
+      }
+      i = end;
+    }
+  });
+  finish_rows(a, d, rw);
+}
+
+template <typename T>
+void attend_typed(const Args& a, const Item& it, const Dest& d) {
+  switch (a.head_dim) {
+    case 64:
+      return attend_item_fast<4, T>(a, it, d);
+    case 128:
+      return attend_item_fast<8, T>(a, it, d);
+    default:
+      return attend_item<Avx512Ops, T>(a, it, d);
+  }
+}
+
 }  // namespace
 
 void attend_item_avx512(const Args& a, const Item& it, const Dest& d) {
-  attend_item<Avx512Ops>(a, it, d);
+  with_cache_type(a, [&](auto t) { attend_typed<decltype(t)>(a, it, d); });
 }
 
 }  // namespace attention

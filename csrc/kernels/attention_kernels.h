@@ -11,6 +11,9 @@
 #include <cmath>
 #include <cstdint>
 
+#include "engine/convert.h"
+#include "engine/tensor.h"
+
 namespace engine {
 namespace attention {
 
@@ -18,8 +21,9 @@ namespace attention {
 struct Args {
   const float* q;              // [num_tokens, num_q_heads, head_dim], dim stride 1
   int64_t q_token_stride, q_head_stride;
-  const float* k_cache;        // [num_blocks, block_size, num_kv_heads, head_dim] contiguous
-  const float* v_cache;        // same
+  const void* k_cache;         // [num_blocks, block_size, num_kv_heads, head_dim] contiguous
+  const void* v_cache;         // same
+  DType cache_dtype;           // f32, bf16 or f16
   int64_t block_size, num_kv_heads, head_dim;
   int64_t group;               // num_q_heads / num_kv_heads
   const int32_t* block_tables; // [num_seqs, max_blocks]
@@ -29,8 +33,9 @@ struct Args {
   float scale;
 };
 
-// Rows of a work item enumerate (new token, query head in the group) pairs:
-// row = token * group + g. A tile holds at most kMaxRows of them.
+// Rows of a work item enumerate (new token, query head) pairs over the item's query heads,
+// the groups of its num_heads KV heads: row = token * width + g, width = num_heads * group,
+// and row g reads KV head kv_head + g / group. A tile holds at most kMaxRows of them.
 constexpr int64_t kMaxRows = 32;
 // KV tokens scored at once (one block or a piece of it): bounds the stack buffer.
 constexpr int64_t kMaxChunk = 64;
@@ -40,18 +45,19 @@ constexpr int64_t kAhead = 32;
 constexpr int kHint = 2;
 
 // One unit of parallel work: rows [row_begin, row_end) of sequence `seq` against
-// KV head `kv_head`, over cached positions [kv_begin, kv_end) (clipped to each
-// row's causal limit).
+// KV heads [kv_head, kv_head + num_heads), over cached positions [kv_begin, kv_end)
+// (clipped to each row's causal limit). A decode item takes every KV head, so that it
+// reads each cached position's K and V rows whole, front to back.
 struct Item {
-  int64_t seq, kv_head;
+  int64_t seq, kv_head, num_heads;
   int64_t q_start;     // token index of the sequence's first new token
   int64_t context_len; // seq_len - num_new: position of the first new token
   int64_t row_begin, row_end;
   int64_t kv_begin, kv_end;
 };
 
-// Where a row's accumulator lives: acc(row) = base + (row / group - token0) * token_stride
-// + (row % group) * head_stride. For an unsplit item this is the row's `out` vector; for a
+// Where a row's accumulator lives: acc(row) = base + (row / width - token0) * token_stride
+// + (row % width) * head_stride. For an unsplit item this is the row's `out` vector; for a
 // split one it is scratch, and m / l (running max and sum) are saved for the merge.
 struct Dest {
   float* base;
@@ -67,98 +73,151 @@ namespace {
 inline int64_t min_i64(int64_t x, int64_t y) { return x < y ? x : y; }
 inline int64_t max_i64(int64_t x, int64_t y) { return x > y ? x : y; }
 
+// One cached value as float32 (T is float, bf16_t or f16_t).
+template <typename T>
+inline float load1(const T* p) {
+  return to_f32(*p);
+}
+
 inline int64_t chunk_len(const Args& a) {
   int64_t c = a.head_dim > 0 ? 4096 / a.head_dim : kMaxChunk;  // ~16 KiB of K per chunk
   return c < 1 ? 1 : (c > kMaxChunk ? kMaxChunk : c);
 }
 
-// Online softmax (FlashAttention-style) over one item, one KV chunk at a time. Each K/V
-// chunk is read from memory once and reused by every row (all query heads of the group
-// and all tokens of the tile) while it sits in L1.
-//   Ops::dot(a, b, n) -> float                      a . b over n contiguous floats
-//   Ops::dot4(a, b, b_stride, n, s)                  s[r] = a . b[r * b_stride : +n], r < 4
-//   Ops::scale(y, alpha, n)                          y *= alpha
-//   Ops::exp_sum(s, m, n) -> float                   s = exp(s - m), returns sum(s)
-//   Ops::axpy_rows(y, p, x, x_stride, n, dim)        y += sum_j p[j] * x[j * x_stride : +dim]
-template <typename Ops>
-void attend_item(const Args& a, const Item& it, const Dest& d) {
-  const int64_t D = a.head_dim, G = a.group;
-  const int64_t num_rows = it.row_end - it.row_begin;
-  const int64_t token_stride = a.num_kv_heads * D;       // between cache slots
-  const int64_t block_stride = a.block_size * token_stride;
-  const int32_t* table = a.block_tables + it.seq * a.bt_seq_stride;
+// The rows of one item: where each reads its query and accumulates, how far it looks,
+// and its running max and sum.
+struct Rows {
+  int64_t n = 0;       // it.row_end - it.row_begin
+  int64_t kv_end = 0;  // one past the last position any row attends to
   float m[kMaxRows], l[kMaxRows];
   const float* q[kMaxRows];
   float* acc[kMaxRows];
   int64_t limit[kMaxRows];  // row attends to positions < limit
-  int64_t kv_end = it.kv_begin;
-  for (int64_t i = 0; i < num_rows; ++i) {
-    const int64_t r = it.row_begin + i, t = r / G, g = r % G;
-    const int64_t h = it.kv_head * G + g;
-    q[i] = a.q + (it.q_start + t) * a.q_token_stride + h * a.q_head_stride;
-    acc[i] = d.base + (t - d.token0) * d.token_stride + g * d.head_stride;
-    limit[i] = min_i64(it.context_len + t + 1, it.kv_end);
-    kv_end = max_i64(kv_end, limit[i]);
-    m[i] = -INFINITY;
-    l[i] = 0.0f;
-    for (int64_t j = 0; j < D; ++j) acc[i][j] = 0.0f;
+  int64_t kv_offset[kMaxRows];  // of the row's KV head within a cache slot, in values
+};
+
+inline void init_rows(const Args& a, const Item& it, const Dest& d, Rows& r) {
+  const int64_t D = a.head_dim, W = it.num_heads * a.group;
+  r.n = it.row_end - it.row_begin;
+  r.kv_end = it.kv_begin;
+  for (int64_t i = 0; i < r.n; ++i) {
+    const int64_t row = it.row_begin + i, t = row / W, g = row % W;
+    const int64_t h = it.kv_head * a.group + g;
+    r.q[i] = a.q + (it.q_start + t) * a.q_token_stride + h * a.q_head_stride;
+    r.acc[i] = d.base + (t - d.token0) * d.token_stride + g * d.head_stride;
+    r.kv_offset[i] = (g / a.group) * D;
+    r.limit[i] = min_i64(it.context_len + t + 1, it.kv_end);
+    r.kv_end = max_i64(r.kv_end, r.limit[i]);
+    r.m[i] = -INFINITY;
+    r.l[i] = 0.0f;
+    for (int64_t j = 0; j < D; ++j) r.acc[i][j] = 0.0f;
   }
-  const int64_t max_chunk = chunk_len(a);
-  float s[kMaxChunk];
+}
+
+// Unsplit items normalise their rows in place; split ones save m and l for the merge.
+inline void finish_rows(const Args& a, const Dest& d, const Rows& r) {
+  for (int64_t i = 0; i < r.n; ++i) {
+    if (d.m != nullptr) {
+      d.m[i] = r.m[i];
+      d.l[i] = r.l[i];
+    } else {
+      const float inv = 1.0f / r.l[i];
+      for (int64_t j = 0; j < a.head_dim; ++j) r.acc[i][j] *= inv;
+    }
+  }
+}
+
+// Calls f(pos, n, k, v) for each run of at most max_chunk positions in [it.kv_begin,
+// kv_end) that lies in one cache block; k and v point at the item's first KV head at the
+// run's first position (positions token_stride = num_kv_heads * head_dim values apart).
+template <typename T, typename F>
+inline void for_each_chunk(const Args& a, const Item& it, int64_t kv_end, int64_t max_chunk,
+                           F&& f) {
+  const int64_t D = a.head_dim;
+  const int64_t token_stride = a.num_kv_heads * D;
+  const int64_t block_stride = a.block_size * token_stride;
+  const int32_t* table = a.block_tables + it.seq * a.bt_seq_stride;
+  const T* k_cache = static_cast<const T*>(a.k_cache);
+  const T* v_cache = static_cast<const T*>(a.v_cache);
   for (int64_t pos = it.kv_begin; pos < kv_end;) {
     const int64_t block = pos / a.block_size, offset = pos % a.block_size;
     const int64_t n = min_i64(min_i64(a.block_size - offset, kv_end - pos), max_chunk);
-    const int64_t phys = table[block * a.bt_block_stride];
-    const int64_t base = phys * block_stride + offset * token_stride + it.kv_head * D;
-    const float* k = a.k_cache + base;
-    const float* v = a.v_cache + base;
-    // One head's keys are D floats every token_stride: too sparse for the hardware
-    // prefetcher, so fetch the lines kAhead positions on while this chunk is computed
-    // (positions past kv_end are never looked up in the block table).
+    const int64_t base =
+        table[block * a.bt_block_stride] * block_stride + offset * token_stride + it.kv_head * D;
+    // Blocks are scattered and one head's keys are D values every token_stride: too
+    // sparse for the hardware prefetcher, so fetch the item's lines kAhead positions on
+    // while this chunk is computed (positions past kv_end are never looked up).
     for (int64_t j = 0; j < n; ++j) {
       const int64_t ahead = pos + j + kAhead;
       if (ahead >= kv_end) break;
       const int64_t at = table[(ahead / a.block_size) * a.bt_block_stride] * block_stride +
                          (ahead % a.block_size) * token_stride + it.kv_head * D;
-      for (int64_t e = 0; e < D; e += 16) {
-        __builtin_prefetch(a.k_cache + at + e, 0, kHint);
-        __builtin_prefetch(a.v_cache + at + e, 0, kHint);
+      for (int64_t e = 0; e < it.num_heads * D; e += 64 / static_cast<int64_t>(sizeof(T))) {
+        __builtin_prefetch(k_cache + at + e, 0, kHint);
+        __builtin_prefetch(v_cache + at + e, 0, kHint);
       }
     }
-    for (int64_t i = 0; i < num_rows; ++i) {
-      const int64_t valid = min_i64(n, limit[i] - pos);
-      if (valid <= 0) continue;
-      float chunk_max = -INFINITY;
-      int64_t j = 0;
-      for (; j + 4 <= valid; j += 4) Ops::dot4(q[i], k + j * token_stride, token_stride, D, s + j);
-      for (; j < valid; ++j) s[j] = Ops::dot(q[i], k + j * token_stride, D);
-      for (j = 0; j < valid; ++j) {
-        s[j] *= a.scale;
-        chunk_max = s[j] > chunk_max ? s[j] : chunk_max;
-      }
-      const float m_new = chunk_max > m[i] ? chunk_max : m[i];
-      if (m_new != m[i] && m[i] != -INFINITY) {
-        const float alpha = expf(m[i] - m_new);
-        l[i] *= alpha;
-        Ops::scale(acc[i], alpha, D);
-      }
-      m[i] = m_new;
-      l[i] += Ops::exp_sum(s, m_new, valid);
-      Ops::axpy_rows(acc[i], s, v, token_stride, valid, D);
-    }
+    f(pos, n, k_cache + base, v_cache + base);
     pos += n;
-  }
-  for (int64_t i = 0; i < num_rows; ++i) {
-    if (d.m != nullptr) {
-      d.m[i] = m[i];
-      d.l[i] = l[i];
-    } else {
-      Ops::scale(acc[i], 1.0f / l[i], D);
-    }
   }
 }
 
+// Online softmax (FlashAttention-style) over one item, one KV chunk at a time. Each K/V
+// chunk is read from memory once and reused by every row (all query heads of the group
+// and all tokens of the tile) while it sits in L1. T is the cache's element type (float,
+// bf16_t or f16_t); a, y, p and s are float, b and x are T.
+//   Ops::dot(a, b, n) -> float                      a . b over n contiguous values
+//   Ops::dot4(a, b, b_stride, n, s)                  s[r] = a . b[r * b_stride : +n], r < 4
+//   Ops::scale(y, alpha, n)                          y *= alpha
+//   Ops::exp_sum(s, m, n) -> float                   s = exp(s - m), returns sum(s)
+//   Ops::axpy_rows(y, p, x, x_stride, n, dim)        y += sum_j p[j] * x[j * x_stride : +dim]
+template <typename Ops, typename T>
+void attend_item(const Args& a, const Item& it, const Dest& d) {
+  const int64_t D = a.head_dim;
+  const int64_t token_stride = a.num_kv_heads * D;
+  Rows rw;
+  init_rows(a, it, d, rw);
+  float s[kMaxChunk];
+  for_each_chunk<T>(a, it, rw.kv_end, chunk_len(a),
+                    [&](int64_t pos, int64_t n, const T* k, const T* v) {
+                      for (int64_t i = 0; i < rw.n; ++i) {
+                        const int64_t valid = min_i64(n, rw.limit[i] - pos);
+                        if (valid <= 0) continue;
+                        float chunk_max = -INFINITY;
+                        int64_t j = 0;
+                        const T* ki = k + rw.kv_offset[i];
+                        for (; j + 4 <= valid; j += 4)
+                          Ops::dot4(rw.q[i], ki + j * token_stride, token_stride, D, s + j);
+                        for (; j < valid; ++j) s[j] = Ops::dot(rw.q[i], ki + j * token_stride, D);
+                        for (j = 0; j < valid; ++j) {
+                          s[j] *= a.scale;
+                          chunk_max = s[j] > chunk_max ? s[j] : chunk_max;
+                        }
+                        const float m_new = chunk_max > rw.m[i] ? chunk_max : rw.m[i];
+                        if (m_new != rw.m[i] && rw.m[i] != -INFINITY) {
+                          const float alpha = expf(rw.m[i] - m_new);
+                          rw.l[i] *= alpha;
+                          Ops::scale(rw.acc[i], alpha, D);
+                        }
+                        rw.m[i] = m_new;
+                        rw.l[i] += Ops::exp_sum(s, m_new, valid);
+                        Ops::axpy_rows(rw.acc[i], s, v + rw.kv_offset[i], token_stride, valid, D);
+                      }
+                    });
+  finish_rows(a, d, rw);
+}
+
 }  // namespace
+
+// Calls f(T{}) with the cache's element type.
+template <typename F>
+inline void with_cache_type(const Args& a, F&& f) {
+  switch (a.cache_dtype) {
+    case DType::bf16: return f(bf16_t{});
+    case DType::f16: return f(f16_t{});
+    default: return f(0.0f);
+  }
+}
 
 // Per-ISA instantiations of attend_item (attention_avx2.cpp, attention_avx512.cpp).
 void attend_item_avx2(const Args& a, const Item& it, const Dest& d);

@@ -89,9 +89,9 @@ void embedding(const TensorView& ids, const TensorView& table, const TensorView&
   const int64_t id_stride = ids.stride(0);
   for (int64_t t = 0; t < num_tokens; ++t) {
     const int64_t v = id[t * id_stride];
-    check(v >= 0 && v < vocab, op,
-          "ids[" + std::to_string(t) + "] = " + std::to_string(v) + " is outside [0, " +
-              std::to_string(vocab) + ") (the table rows)");
+    ENGINE_CHECK(v >= 0 && v < vocab, op,
+                 "ids[" + std::to_string(t) + "] = " + std::to_string(v) + " is outside [0, " +
+                     std::to_string(vocab) + ") (the table rows)");
   }
 
   const CopyRowFn copy_row = pick_copy_row(table.dtype);

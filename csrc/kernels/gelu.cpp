@@ -144,9 +144,9 @@ void gelu(const TensorView& x, const TensorView& out, bool tanh_approximation) {
     const char* ob = static_cast<const char*>(out.data);
     const char* xe = xb + ((num_tokens - 1) * x.stride(0) + d) * 4;
     const char* oe = ob + ((num_tokens - 1) * out.stride(0) + d) * 4;
-    check(xe <= ob || oe <= xb, op, "out must be x itself or not overlap it");
+    ENGINE_CHECK(xe <= ob || oe <= xb, op, "out must be x itself or not overlap it");
   } else if (x.numel() > 0) {
-    check(x.stride(0) == out.stride(0), op, "out must be x itself or not overlap it");
+    ENGINE_CHECK(x.stride(0) == out.stride(0), op, "out must be x itself or not overlap it");
   }
 
   const RowFn row_fn = pick_row();

@@ -1,6 +1,7 @@
 // kv_cache_write: scatter the new tokens' K and V rows into the paged cache.
 //
-// The cache is [num_blocks, block_size, num_kv_heads, head_dim]; a slot is
+// The cache is [num_blocks, block_size, num_kv_heads, head_dim], float32, bfloat16 or
+// float16 (rounded to nearest even, as numpy's cast and the CUDA op round); a slot is
 // block_idx * block_size + offset, so slot s is simply row s of the cache seen
 // as [num_blocks * block_size, num_kv_heads * head_dim]. Every slot is checked
 // before anything is written, so a rejected call leaves both caches untouched.
@@ -8,6 +9,7 @@
 #include <string>
 
 #include "engine/check.h"
+#include "engine/convert.h"
 #include "engine/ops.h"
 
 namespace engine {
@@ -23,7 +25,7 @@ void check_kv(const TensorView& t, const char* arg) {
 }
 
 void check_cache(const TensorView& t, const char* arg) {
-  check_dtype(t, kOp, arg, {DType::f32});
+  check_dtype(t, kOp, arg, {DType::f32, DType::bf16, DType::f16});
   check_ndim(t, kOp, arg, 4);
   if (t.numel() > 0) check_contiguous(t, kOp, arg);  // numpy gives empty arrays 0 strides
 }
@@ -41,8 +43,9 @@ void validate(const TensorView& k, const TensorView& v, const TensorView& k_cach
   check_shape(k_cache, kOp, "k_cache", {-1, -1, num_kv_heads, head_dim});
   check_shape(v_cache, kOp, "v_cache", {k_cache.size(0), k_cache.size(1), num_kv_heads, head_dim});
   check_shape(slot_mapping, kOp, "slot_mapping", {num_tokens});
-  check(k_cache.data != v_cache.data || k_cache.numel() == 0, kOp,
-        "k_cache and v_cache must be different arrays");
+  check_same_dtype(v_cache, k_cache, kOp, "v_cache", "k_cache");
+  ENGINE_CHECK(k_cache.data != v_cache.data || k_cache.numel() == 0, kOp,
+               "k_cache and v_cache must be different arrays");
 }
 
 // Every slot in [-1, num_slots); the first bad one is reported.
@@ -60,17 +63,42 @@ void check_slots(const TensorView& slot_mapping, int64_t num_slots) {
 
 // ---- kernel -----------------------------------------------------------------------
 
+inline void store(float* d, float x) { *d = x; }
+inline void store(bf16_t* d, float x) { d->bits = f32_to_bf16(x); }
+inline void store(f16_t* d, float x) { d->bits = f32_to_f16(x); }
+
 // dst [num_kv_heads, head_dim] contiguous <- src [num_kv_heads, head_dim] with strides.
-void copy_row(float* dst, const float* src, int64_t num_heads, int64_t head_dim,
-              int64_t head_stride, int64_t dim_stride) {
+template <typename T>
+void copy_row(T* dst, const float* src, int64_t num_heads, int64_t head_dim, int64_t head_stride,
+              int64_t dim_stride) {
   for (int64_t h = 0; h < num_heads; ++h) {
     const float* s = src + h * head_stride;
-    float* d = dst + h * head_dim;
-    if (dim_stride == 1) {
+    T* d = dst + h * head_dim;
+    if (sizeof(T) == sizeof(float) && dim_stride == 1) {
       std::memcpy(d, s, static_cast<size_t>(head_dim) * sizeof(float));
     } else {
-      for (int64_t j = 0; j < head_dim; ++j) d[j] = s[j * dim_stride];
+      for (int64_t j = 0; j < head_dim; ++j) store(d + j, s[j * dim_stride]);
     }
+  }
+}
+
+template <typename T>
+void write_rows(const TensorView& k, const TensorView& v, T* k_dst, T* v_dst,
+                const TensorView& slot_mapping) {
+  const int64_t num_tokens = k.size(0), num_heads = k.size(1), head_dim = k.size(2);
+  const int64_t row_size = num_heads * head_dim;  // values per slot
+  const int32_t* slots = slot_mapping.ptr<int32_t>();
+  const float* k_data = k.ptr<float>();
+  const float* v_data = v.ptr<float>();
+  // A few KiB per token: threads would cost more than the copy for decode batches.
+#pragma omp parallel for schedule(static) if (num_tokens * row_size >= (1 << 16))
+  for (int64_t i = 0; i < num_tokens; ++i) {
+    const int64_t slot = slots[i * slot_mapping.stride(0)];
+    if (slot < 0) continue;
+    copy_row(k_dst + slot * row_size, k_data + i * k.stride(0), num_heads, head_dim, k.stride(1),
+             k.stride(2));
+    copy_row(v_dst + slot * row_size, v_data + i * v.stride(0), num_heads, head_dim, v.stride(1),
+             v.stride(2));
   }
 }
 
@@ -82,22 +110,13 @@ void kv_cache_write(const TensorView& k, const TensorView& v, const TensorView& 
   const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
   check_slots(slot_mapping, num_slots);
 
-  const int64_t num_tokens = k.size(0), num_heads = k.size(1), head_dim = k.size(2);
-  const int64_t row_size = num_heads * head_dim;  // floats per slot
-  const int32_t* slots = slot_mapping.ptr<int32_t>();
-  const float* k_data = k.ptr<float>();
-  const float* v_data = v.ptr<float>();
-  float* k_dst = k_cache.ptr<float>();
-  float* v_dst = v_cache.ptr<float>();
-  // A few KiB per token: threads would cost more than the copy for decode batches.
-#pragma omp parallel for schedule(static) if (num_tokens * row_size >= (1 << 16))
-  for (int64_t i = 0; i < num_tokens; ++i) {
-    const int64_t slot = slots[i * slot_mapping.stride(0)];
-    if (slot < 0) continue;
-    copy_row(k_dst + slot * row_size, k_data + i * k.stride(0), num_heads, head_dim, k.stride(1),
-             k.stride(2));
-    copy_row(v_dst + slot * row_size, v_data + i * v.stride(0), num_heads, head_dim, v.stride(1),
-             v.stride(2));
+  switch (k_cache.dtype) {
+    case DType::bf16:
+      return write_rows(k, v, k_cache.ptr<bf16_t>(), v_cache.ptr<bf16_t>(), slot_mapping);
+    case DType::f16:
+      return write_rows(k, v, k_cache.ptr<f16_t>(), v_cache.ptr<f16_t>(), slot_mapping);
+    default:
+      return write_rows(k, v, k_cache.ptr<float>(), v_cache.ptr<float>(), slot_mapping);
   }
 }
 

@@ -1,8 +1,9 @@
 // kv_cache_copy: copy whole blocks of the paged K and V caches, src -> dst.
 //
 // Copy-on-write for forked sequences: a shared block is copied into a fresh one
-// before a sequence writes into it. Every id is checked before anything is
-// written, so a rejected call leaves both caches untouched. No dst may repeat or
+// before a sequence writes into it (f32, bf16 or f16 caches, bytes copied as they are).
+// Every id is checked before anything is written, so a rejected call leaves both
+// caches untouched. No dst may repeat or
 // also be a src, so the pairs are independent and their order does not matter.
 #include <algorithm>
 #include <cstring>
@@ -20,7 +21,7 @@ constexpr const char* kOp = "kv_cache_copy";
 // ---- validation -------------------------------------------------------------------
 
 void check_cache(const TensorView& t, const char* arg) {
-  check_dtype(t, kOp, arg, {DType::f32});
+  check_dtype(t, kOp, arg, {DType::f32, DType::bf16, DType::f16});
   check_ndim(t, kOp, arg, 4);
   check_contiguous(t, kOp, arg);
 }
@@ -59,8 +60,9 @@ void validate(const TensorView& k_cache, const TensorView& v_cache, const Tensor
   check_cache(v_cache, "v_cache");
   check_shape(v_cache, kOp, "v_cache",
               {k_cache.size(0), k_cache.size(1), k_cache.size(2), k_cache.size(3)});
-  check(k_cache.data != v_cache.data || k_cache.numel() == 0, kOp,
-        "k_cache and v_cache must be different arrays");
+  check_same_dtype(v_cache, k_cache, kOp, "v_cache", "k_cache");
+  ENGINE_CHECK(k_cache.data != v_cache.data || k_cache.numel() == 0, kOp,
+               "k_cache and v_cache must be different arrays");
   check_dtype(src, kOp, "src_blocks", {DType::i32});
   check_ndim(src, kOp, "src_blocks", 1);
   check_dtype(dst, kOp, "dst_blocks", {DType::i32});
@@ -76,18 +78,18 @@ void kv_cache_copy(const TensorView& k_cache, const TensorView& v_cache,
                    const TensorView& src_blocks, const TensorView& dst_blocks) {
   validate(k_cache, v_cache, src_blocks, dst_blocks);
   const int64_t num_pairs = src_blocks.size(0);
-  const int64_t block_floats = k_cache.size(1) * k_cache.size(2) * k_cache.size(3);
-  const size_t block_bytes = static_cast<size_t>(block_floats) * sizeof(float);
+  const int64_t block_bytes = k_cache.size(1) * k_cache.size(2) * k_cache.size(3) *
+                              static_cast<int64_t>(dtype_size(k_cache.dtype));
   const int32_t* src = src_blocks.ptr<int32_t>();
   const int32_t* dst = dst_blocks.ptr<int32_t>();
-  float* k = k_cache.ptr<float>();
-  float* v = v_cache.ptr<float>();
+  char* k = static_cast<char*>(k_cache.data);
+  char* v = static_cast<char*>(v_cache.data);
   // A handful of pairs per step (one per forked sequence): threads only for large batches.
-#pragma omp parallel for schedule(static) if (num_pairs * block_floats >= (1 << 18))
+#pragma omp parallel for schedule(static) if (num_pairs * block_bytes >= (1 << 20))
   for (int64_t i = 0; i < num_pairs; ++i) {
     const int64_t s = src[i * src_blocks.stride(0)], d = dst[i * dst_blocks.stride(0)];
-    std::memcpy(k + d * block_floats, k + s * block_floats, block_bytes);
-    std::memcpy(v + d * block_floats, v + s * block_floats, block_bytes);
+    std::memcpy(k + d * block_bytes, k + s * block_bytes, static_cast<size_t>(block_bytes));
+    std::memcpy(v + d * block_bytes, v + s * block_bytes, static_cast<size_t>(block_bytes));
   }
 }
 

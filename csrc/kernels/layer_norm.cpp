@@ -128,8 +128,8 @@ bool same_layout(const TensorView& a, const TensorView& b) {
 
 // out may be an input itself (same memory, same row stride) but never a shifted view of one.
 void check_aliasing(const TensorView& out, const TensorView& in, const char* arg) {
-  check(!overlaps(out, in) || same_layout(out, in), kOp,
-        std::string("out must be ") + arg + " itself or not overlap it");
+  ENGINE_CHECK(!overlaps(out, in) || same_layout(out, in), kOp,
+               std::string("out must be ") + arg + " itself or not overlap it");
 }
 
 // Work below this many elements stays on the calling thread.
@@ -146,18 +146,18 @@ void layer_norm(const TensorView& x, const TensorView& residual, const TensorVie
   check_dtype(x, kOp, "x", {DType::f32});
   check_ndim(x, kOp, "x", 2);
   const int64_t num_tokens = x.size(0), hidden = x.size(1);
-  check(hidden > 0, kOp, "x must have a non-empty last dimension, got " + x.describe());
+  ENGINE_CHECK(hidden > 0, kOp, "x must have a non-empty last dimension, got " + x.describe());
   check_rows(x, "x", num_tokens, hidden);
   if (present(residual)) check_rows(residual, "residual", num_tokens, hidden);
   check_param(weight, "weight", hidden);
   if (present(bias)) check_param(bias, "bias", hidden);
   check_rows(out, "out", num_tokens, hidden);
-  check(eps >= 0.0 && std::isfinite(eps), kOp,
-        "eps must be a finite number >= 0, got " + std::to_string(eps));
+  ENGINE_CHECK(eps >= 0.0 && std::isfinite(eps), kOp,
+               "eps must be a finite number >= 0, got " + std::to_string(eps));
   check_aliasing(out, x, "x");
   if (present(residual)) check_aliasing(out, residual, "residual");
-  check(!overlaps(out, weight) && !(present(bias) && overlaps(out, bias)), kOp,
-        "out must not overlap weight or bias");
+  ENGINE_CHECK(!overlaps(out, weight) && !(present(bias) && overlaps(out, bias)), kOp,
+               "out must not overlap weight or bias");
 
   thread_local std::vector<float> weight_scratch, bias_scratch;
   const float* w = as_f32(weight, weight_scratch);

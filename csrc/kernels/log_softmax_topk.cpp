@@ -97,10 +97,12 @@ void log_softmax_topk(const TensorView& logits, const TensorView& token_ids, int
   check_ndim(logits, kOp, "logits", 2);
   check_nonempty_row_contiguous(logits, "logits");
   const int64_t num_seqs = logits.size(0), vocab = logits.size(1);
-  check(vocab > 0 && vocab <= std::numeric_limits<int32_t>::max(), kOp,
-        "logits must have between 1 and 2^31 - 1 columns (the vocab), got " + logits.describe());
-  check(k >= 0 && k <= vocab, kOp,
-        "k must be in [0, " + std::to_string(vocab) + "] (the vocab), got " + std::to_string(k));
+  ENGINE_CHECK(
+      vocab > 0 && vocab <= std::numeric_limits<int32_t>::max(), kOp,
+      "logits must have between 1 and 2^31 - 1 columns (the vocab), got " + logits.describe());
+  ENGINE_CHECK(
+      k >= 0 && k <= vocab, kOp,
+      "k must be in [0, " + std::to_string(vocab) + "] (the vocab), got " + std::to_string(k));
   check_dtype(token_ids, kOp, "token_ids", {DType::i32});
   check_shape(token_ids, kOp, "token_ids", {num_seqs});
   check_dtype(out_token_logprob, kOp, "out_token_logprob", {DType::f32});

@@ -97,16 +97,17 @@ void quant_embedding(const TensorView& ids, const TensorView& table, const std::
   check_ndim(out, kOp, "out", 2);
   const int64_t num_tokens = ids.size(0), hidden = out.size(1);
   const int64_t block_values = quant_block_values(f);
-  check(hidden > 0 && hidden % block_values == 0, kOp,
-        "out: hidden must be a positive multiple of " + std::to_string(block_values) + " (the " +
-            format + " block), got " + out.describe());
+  ENGINE_CHECK(hidden > 0 && hidden % block_values == 0, kOp,
+               "out: hidden must be a positive multiple of " + std::to_string(block_values) +
+                   " (the " + format + " block), got " + out.describe());
   check_shape(out, kOp, "out", {num_tokens, hidden});
   if (out.numel() > 0) check_row_contiguous(out, kOp, "out");
   const int64_t num_blocks = hidden / block_values;
   const int64_t row_bytes = num_blocks * quant_block_bytes(f);
-  check(table.dtype == DType::u8 && table.ndim == 2 && table.shape[1] == row_bytes, kOp,
-        "table must be uint8 [vocab, " + std::to_string(row_bytes) + "] (" +
-            std::to_string(hidden) + " values in " + format + " blocks), got " + table.describe());
+  ENGINE_CHECK(table.dtype == DType::u8 && table.ndim == 2 && table.shape[1] == row_bytes, kOp,
+               "table must be uint8 [vocab, " + std::to_string(row_bytes) + "] (" +
+                   std::to_string(hidden) + " values in " + format + " blocks), got " +
+                   table.describe());
   if (table.numel() > 0) check_row_contiguous(table, kOp, "table");
   const int64_t vocab = table.size(0);
 
@@ -114,9 +115,9 @@ void quant_embedding(const TensorView& ids, const TensorView& table, const std::
   const int64_t id_stride = ids.stride(0);
   for (int64_t t = 0; t < num_tokens; ++t) {  // every id checked before anything is written
     const int64_t v = id[t * id_stride];
-    check(v >= 0 && v < vocab, kOp,
-          "ids[" + std::to_string(t) + "] = " + std::to_string(v) + " is outside [0, " +
-              std::to_string(vocab) + ") (the table rows)");
+    ENGINE_CHECK(v >= 0 && v < vocab, kOp,
+                 "ids[" + std::to_string(t) + "] = " + std::to_string(v) + " is outside [0, " +
+                     std::to_string(vocab) + ") (the table rows)");
   }
   const uint8_t* tp = table.ptr<const uint8_t>();
   const int64_t ts = table.stride(0);

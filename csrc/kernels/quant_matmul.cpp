@@ -185,38 +185,40 @@ bool has_vnni() {
 
 void validate(const TensorView& x, const TensorView& w, QuantFormat format,
               const TensorView& bias, const TensorView& out) {
-  check(x.dtype == DType::f32 && x.ndim == 2, kOp,
-        "x must be float32 [num_tokens, in_features], got " + x.describe());
+  ENGINE_CHECK(x.dtype == DType::f32 && x.ndim == 2, kOp,
+               "x must be float32 [num_tokens, in_features], got " + x.describe());
   check_row_contiguous(x, kOp, "x");
   const int64_t num_tokens = x.shape[0], in_features = x.shape[1];
   const int64_t block_values = quant_block_values(format);
-  const std::string fmt = quant_format_name(format);
-  check(in_features > 0 && in_features % block_values == 0, kOp,
-        "x: in_features must be a positive multiple of " + std::to_string(block_values) +
-            " (the " + fmt + " block), got " + std::to_string(in_features));
+  ENGINE_CHECK(in_features > 0 && in_features % block_values == 0, kOp,
+               "x: in_features must be a positive multiple of " + std::to_string(block_values) +
+                   " (the " + std::string(quant_format_name(format)) + " block), got " +
+                   std::to_string(in_features));
   const int64_t row_bytes = in_features / block_values * quant_block_bytes(format);
-  check(w.dtype == DType::u8 && w.ndim == 2 && w.shape[1] == row_bytes, kOp,
-        "w must be uint8 [out_features, " + std::to_string(row_bytes) + "] (" +
-            std::to_string(in_features) + " values in " + fmt + " blocks), got " + w.describe());
+  ENGINE_CHECK(w.dtype == DType::u8 && w.ndim == 2 && w.shape[1] == row_bytes, kOp,
+               "w must be uint8 [out_features, " + std::to_string(row_bytes) + "] (" +
+                   std::to_string(in_features) + " values in " +
+                   std::string(quant_format_name(format)) + " blocks), got " + w.describe());
   if (w.numel() > 0) check_contiguous(w, kOp, "w");
   const int64_t out_features = w.shape[0];
-  const std::string n_str = std::to_string(out_features);
   if (present(bias)) {
-    check(bias.dtype == DType::f32 && bias.ndim == 1 && bias.shape[0] == out_features, kOp,
-          "bias must be float32 [" + n_str + "], got " + bias.describe());
+    ENGINE_CHECK(
+        bias.dtype == DType::f32 && bias.ndim == 1 && bias.shape[0] == out_features, kOp,
+        "bias must be float32 [" + std::to_string(out_features) + "], got " + bias.describe());
     check_contiguous(bias, kOp, "bias");
   }
-  check(out.dtype == DType::f32 && out.ndim == 2 && out.shape[0] == num_tokens &&
-            out.shape[1] == out_features,
-        kOp,
-        "out must be float32 [" + std::to_string(num_tokens) + ", " + n_str + "], got " +
-            out.describe());
+  ENGINE_CHECK(out.dtype == DType::f32 && out.ndim == 2 && out.shape[0] == num_tokens &&
+                   out.shape[1] == out_features,
+               kOp,
+               "out must be float32 [" + std::to_string(num_tokens) + ", " +
+                   std::to_string(out_features) + "], got " + out.describe());
   check_row_contiguous(out, kOp, "out");
-  check(num_tokens <= 1 || out_features == 0 || out.strides[0] >= out_features, kOp,
-        "out rows overlap: row stride " + std::to_string(out.strides[0]) + " < " + n_str);
-  check(!overlaps(out, x), kOp, "out must not overlap x");
-  check(!overlaps(out, w), kOp, "out must not overlap w");
-  check(!present(bias) || !overlaps(out, bias), kOp, "out must not overlap bias");
+  ENGINE_CHECK(num_tokens <= 1 || out_features == 0 || out.strides[0] >= out_features, kOp,
+               "out rows overlap: row stride " + std::to_string(out.strides[0]) + " < " +
+                   std::to_string(out_features));
+  ENGINE_CHECK(!overlaps(out, x), kOp, "out must not overlap x");
+  ENGINE_CHECK(!overlaps(out, w), kOp, "out must not overlap w");
+  ENGINE_CHECK(!present(bias) || !overlaps(out, bias), kOp, "out must not overlap bias");
 }
 
 // Grow-only scratch for the quantised activations of the calling thread.

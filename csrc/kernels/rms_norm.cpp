@@ -106,8 +106,8 @@ void check_rows(const TensorView& t, const char* op, const char* arg) {
 }
 
 void check_eps(double eps, const char* op) {
-  check(eps >= 0.0 && std::isfinite(eps), op,
-        "eps must be a finite number >= 0, got " + std::to_string(eps));
+  ENGINE_CHECK(eps >= 0.0 && std::isfinite(eps), op,
+               "eps must be a finite number >= 0, got " + std::to_string(eps));
 }
 
 // Work below this many elements stays on the calling thread.
@@ -123,7 +123,7 @@ void rms_norm(const TensorView& x, const TensorView& weight, double eps, const T
   const char* op = "rms_norm";
   check_rows(x, op, "x");
   const int64_t num_tokens = x.size(0), hidden = x.size(1);
-  check(hidden > 0, op, "x must have a non-empty last dimension, got " + x.describe());
+  ENGINE_CHECK(hidden > 0, op, "x must have a non-empty last dimension, got " + x.describe());
   check_weight(weight, op, hidden);
   check_rows(out, op, "out");
   check_shape(out, op, "out", {num_tokens, hidden});
@@ -144,7 +144,7 @@ void fused_add_rms_norm(const TensorView& x, const TensorView& residual,
   const char* op = "fused_add_rms_norm";
   check_rows(x, op, "x");
   const int64_t num_tokens = x.size(0), hidden = x.size(1);
-  check(hidden > 0, op, "x must have a non-empty last dimension, got " + x.describe());
+  ENGINE_CHECK(hidden > 0, op, "x must have a non-empty last dimension, got " + x.describe());
   check_rows(residual, op, "residual");
   check_shape(residual, op, "residual", {num_tokens, hidden});
   check_weight(weight, op, hidden);

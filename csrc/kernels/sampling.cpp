@@ -259,8 +259,9 @@ void sample(const TensorView& logits, const TensorView& temperature, const Tenso
   check_ndim(logits, op, "logits", 2);
   check_nonempty_row_contiguous(logits, op, "logits");
   const int64_t num_seqs = logits.size(0), vocab = logits.size(1);
-  check(vocab > 0 && vocab <= std::numeric_limits<int32_t>::max(), op,
-        "logits must have between 1 and 2^31 - 1 columns (the vocab), got " + logits.describe());
+  ENGINE_CHECK(
+      vocab > 0 && vocab <= std::numeric_limits<int32_t>::max(), op,
+      "logits must have between 1 and 2^31 - 1 columns (the vocab), got " + logits.describe());
   check_per_row(temperature, "temperature", DType::f32, num_seqs);
   check_per_row(top_k, "top_k", DType::i32, num_seqs);
   check_per_row(top_p, "top_p", DType::f32, num_seqs);

@@ -44,33 +44,35 @@ void check_tensors(const TensorView& q, const TensorView& k, const TensorView& v
   check_heads(v, "v");
   check_shape(v, kOp, "v", {num_tokens, k.size(1), head_dim});
   const int64_t num_kv_heads = k.size(1);
-  check(num_kv_heads > 0 && num_heads % num_kv_heads == 0, kOp,
-        "q's " + std::to_string(num_heads) + " heads must be a multiple of k's " +
-            std::to_string(num_kv_heads) + " KV heads");
+  ENGINE_CHECK(num_kv_heads > 0 && num_heads % num_kv_heads == 0, kOp,
+               "q's " + std::to_string(num_heads) + " heads must be a multiple of k's " +
+                   std::to_string(num_kv_heads) + " KV heads");
   check_dtype(query_start_loc, kOp, "query_start_loc", {DType::i32});
   check_ndim(query_start_loc, kOp, "query_start_loc", 1);
-  check(query_start_loc.size(0) >= 1, kOp, "query_start_loc must hold num_seqs + 1 >= 1 entries");
+  ENGINE_CHECK(query_start_loc.size(0) >= 1, kOp,
+               "query_start_loc must hold num_seqs + 1 >= 1 entries");
   check_heads(out, "out");
   check_shape(out, kOp, "out", {num_tokens, num_heads, head_dim});
-  check(!overlaps(out, q) && !overlaps(out, k) && !overlaps(out, v), kOp,
-        "out must not share memory with q, k or v");
-  check(std::isfinite(scale), kOp, "scale must be finite, got " + std::to_string(scale));
+  ENGINE_CHECK(!overlaps(out, q) && !overlaps(out, k) && !overlaps(out, v), kOp,
+               "out must not share memory with q, k or v");
+  ENGINE_CHECK(std::isfinite(scale), kOp, "scale must be finite, got " + std::to_string(scale));
 }
 
 // query_start_loc partitions [0, num_tokens) into sequences, in order.
 void check_batch(const TensorView& query_start_loc, int64_t num_tokens) {
   const int64_t num_seqs = query_start_loc.size(0) - 1;
-  check(at(query_start_loc, 0) == 0, kOp,
-        "query_start_loc[0] must be 0, got " + std::to_string(at(query_start_loc, 0)));
+  ENGINE_CHECK(at(query_start_loc, 0) == 0, kOp,
+               "query_start_loc[0] must be 0, got " + std::to_string(at(query_start_loc, 0)));
   for (int64_t s = 0; s < num_seqs; ++s)
-    check(at(query_start_loc, s + 1) >= at(query_start_loc, s), kOp,
-          "query_start_loc must be non-decreasing, but query_start_loc[" + std::to_string(s + 1) +
-              "] = " + std::to_string(at(query_start_loc, s + 1)) + " < query_start_loc[" +
-              std::to_string(s) + "] = " + std::to_string(at(query_start_loc, s)));
-  check(at(query_start_loc, num_seqs) == num_tokens, kOp,
-        "query_start_loc[" + std::to_string(num_seqs) + "] must equal q's " +
-            std::to_string(num_tokens) + " tokens, got " +
-            std::to_string(at(query_start_loc, num_seqs)));
+    ENGINE_CHECK(at(query_start_loc, s + 1) >= at(query_start_loc, s), kOp,
+                 "query_start_loc must be non-decreasing, but query_start_loc[" +
+                     std::to_string(s + 1) + "] = " + std::to_string(at(query_start_loc, s + 1)) +
+                     " < query_start_loc[" + std::to_string(s) +
+                     "] = " + std::to_string(at(query_start_loc, s)));
+  ENGINE_CHECK(at(query_start_loc, num_seqs) == num_tokens, kOp,
+               "query_start_loc[" + std::to_string(num_seqs) + "] must equal q's " +
+                   std::to_string(num_tokens) + " tokens, got " +
+                   std::to_string(at(query_start_loc, num_seqs)));
 }
 
 // ================================================================================

@@ -12,7 +12,8 @@ from engine.server.cli import add_server_commands
 def _generate(args) -> int:
     from engine import LLM, SamplingParams
 
-    llm = LLM(args.model, max_model_len=args.max_model_len, quantization=args.quantization)
+    llm = LLM(args.model, max_model_len=args.max_model_len, quantization=args.quantization,
+              kv_cache_dtype=args.kv_cache_dtype)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             min_p=args.min_p, max_tokens=args.max_tokens, seed=args.seed,
                             stop=args.stop or None)
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--quantization", choices=["q8_0", "q4_0", "q4_1"], default=None,
                      help="quantise the model's float weights at load (GGUF files run their "
                           "stored blocks natively without it)")
+    gen.add_argument("--kv-cache-dtype", choices=["auto", "float32", "bfloat16", "float16"],
+                     default="auto", help="16-bit caches halve the bytes decode reads")
     gen.set_defaults(func=_generate)
 
     conv = sub.add_parser("convert", help="write a GGUF file as a Hugging Face folder")

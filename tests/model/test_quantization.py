@@ -95,6 +95,9 @@ def test_cli_flag_reaches_the_engine(monkeypatch, capsys):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(quantization="q4_k"), "quantization must be None, 'q8_0', 'q4_0' or 'q4_1'"),
     (dict(quantization="q8_0", device="cuda"), "CPU only"),
+    (dict(kv_cache_dtype="float8"), "kv_cache_dtype must be 'auto', 'float32', 'bfloat16' or "
+                                    "'float16', got 'float8'"),
+    (dict(kv_cache_dtype="float16", device="cuda"), "'float16' runs on the CPU only"),
 ])
 def test_config_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):

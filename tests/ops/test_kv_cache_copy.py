@@ -1,5 +1,7 @@
-"""kv_cache_copy against the numpy reference, on every instruction set."""
+"""kv_cache_copy against the numpy reference, on every instruction set, float32, bfloat16
+and float16 caches."""
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -8,10 +10,13 @@ from engine import ops
 from engine.ops import reference
 
 
-def make_caches(rng, num_blocks, block_size, num_kv_heads, head_dim):
+BF16 = np.dtype(ml_dtypes.bfloat16)
+
+
+def make_caches(rng, num_blocks, block_size, num_kv_heads, head_dim, dtype=np.float32):
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    return (rng.standard_normal(shape).astype(np.float32),
-            rng.standard_normal(shape).astype(np.float32))
+    return (rng.standard_normal(shape).astype(np.float32).astype(dtype),
+            rng.standard_normal(shape).astype(np.float32).astype(dtype))
 
 
 def make_pairs(rng, num_blocks, num_pairs):
@@ -26,12 +31,12 @@ def make_pairs(rng, num_blocks, num_pairs):
 @given(num_pairs=st.integers(0, 9), extra_blocks=st.integers(1, 6),
        block_size=st.sampled_from([1, 3, 16]), num_kv_heads=st.sampled_from([1, 2, 3]),
        head_dim=st.sampled_from([1, 3, 17, 64]), strided_ids=st.booleans(),
-       seed=st.integers(0, 2**32 - 1))
+       dtype=st.sampled_from([np.float32, BF16, np.float16]), seed=st.integers(0, 2**32 - 1))
 def test_matches_reference(isa, num_pairs, extra_blocks, block_size, num_kv_heads, head_dim,
-                           strided_ids, seed):
+                           strided_ids, dtype, seed):
     rng = np.random.default_rng(seed)
     num_blocks = num_pairs + extra_blocks
-    k_cache, v_cache = make_caches(rng, num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache, v_cache = make_caches(rng, num_blocks, block_size, num_kv_heads, head_dim, dtype)
     src, dst = make_pairs(rng, num_blocks, num_pairs)
     if strided_ids:  # ids read through a stride, as a column of a [n, 2] array gives
         pairs = np.stack([src, dst], axis=1)
@@ -39,8 +44,8 @@ def test_matches_reference(isa, num_pairs, extra_blocks, block_size, num_kv_head
     want_k, want_v = k_cache.copy(), v_cache.copy()
     reference.kv_cache_copy(want_k, want_v, src, dst)
     ops.kv_cache_copy(k_cache, v_cache, src, dst)
-    np.testing.assert_array_equal(k_cache, want_k)
-    np.testing.assert_array_equal(v_cache, want_v)
+    np.testing.assert_array_equal(k_cache.view(np.uint8), want_k.view(np.uint8))
+    np.testing.assert_array_equal(v_cache.view(np.uint8), want_v.view(np.uint8))
 
 
 def test_copies_the_whole_block_and_nothing_else(rng):
@@ -59,6 +64,8 @@ def test_copies_the_whole_block_and_nothing_else(rng):
 def _bad(name, k_cache, v_cache, src, dst):
     if name == "k_cache dtype":
         k_cache = k_cache.astype(np.float16)
+    elif name == "v_cache dtype unlike k_cache":
+        v_cache = v_cache.astype(BF16)
     elif name == "k_cache ndim":
         k_cache = k_cache.reshape(k_cache.shape[0], -1)
     elif name == "v_cache contiguous":
@@ -86,6 +93,7 @@ def _bad(name, k_cache, v_cache, src, dst):
 
 ERRORS = {
     "k_cache dtype": "k_cache", "k_cache ndim": "k_cache", "v_cache contiguous": "v_cache",
+    "v_cache dtype unlike k_cache": "v_cache must have k_cache's dtype float32, got bfloat16",
     "v_cache shape": "v_cache", "v_cache readonly": "v_cache", "same array": "different arrays",
     "src dtype": "src_blocks", "dst length": "dst_blocks",
     "src high": r"src_blocks\[1\] = 8 is outside the cache's 8 blocks",

@@ -1,10 +1,13 @@
-"""paged_attention against the numpy reference, on every instruction set.
+"""paged_attention against the numpy reference, on every instruction set, with float32,
+bfloat16 and float16 caches (the reference reads the same 16-bit values, so the tolerance
+is the same).
 
 Batches mix fresh prefills, prefill chunks over a cached prefix and decodes; block
 tables hold scattered block ids with -1 padding; every cache slot no sequence owns
 holds NaN, so a read outside a sequence's tokens cannot go unnoticed.
 """
 
+import ml_dtypes
 import numpy as np
 import pytest
 from hypothesis import given, strategies as st
@@ -13,10 +16,12 @@ from engine import ops
 from engine.ops import reference
 
 RTOL, ATOL = 1e-5, 1e-5
+BF16 = np.dtype(ml_dtypes.bfloat16)
+CACHE_DTYPES = [np.dtype(np.float32), BF16, np.dtype(np.float16)]
 
 
 def make_batch(rng, seqs, num_kv_heads, group, head_dim, block_size, extra_blocks=3,
-               q_strided=False, qk_scale=1.0):
+               q_strided=False, qk_scale=1.0, cache_dtype=np.float32):
     """seqs: [(seq_len, num_new)]. Returns the op's arguments (out filled with a sentinel)."""
     num_q_heads = num_kv_heads * group
     used = [-(-seq_len // block_size) for seq_len, _ in seqs]
@@ -45,6 +50,7 @@ def make_batch(rng, seqs, num_kv_heads, group, head_dim, block_size, extra_block
         q = big[:, 1:num_q_heads + 1, 2:head_dim + 2]
     out = np.full((num_tokens, num_q_heads, head_dim), 7.0, np.float32)
     scale = float(head_dim) ** -0.5
+    k_cache, v_cache = k_cache.astype(cache_dtype), v_cache.astype(cache_dtype)
     return q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out
 
 
@@ -57,8 +63,8 @@ def check_against_reference(args):
     ops.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
                         out=out)
     np.testing.assert_allclose(out, want, rtol=RTOL, atol=ATOL)
-    for a, b in zip(before, (k_cache, v_cache, q)):
-        np.testing.assert_array_equal(a, b)
+    for a, b in zip(before, (k_cache, v_cache, q)):  # bits: NaN slots must still be NaN
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
 
 
 # One sequence: its kind and its size.
@@ -74,26 +80,31 @@ sequence = st.one_of(
        num_kv_heads=st.sampled_from([1, 2, 3]), group=st.sampled_from([1, 2, 3, 4, 8]),
        head_dim=st.sampled_from([1, 3, 17, 64, 128]), block_size=st.sampled_from([1, 2, 16, 32]),
        q_strided=st.booleans(), qk_scale=st.sampled_from([0.1, 1.0, 4.0]),
-       seed=st.integers(0, 2**32 - 1))
+       cache_dtype=st.sampled_from(CACHE_DTYPES), seed=st.integers(0, 2**32 - 1))
 def test_matches_reference(isa, seqs, num_kv_heads, group, head_dim, block_size, q_strided,
-                           qk_scale, seed):
+                           qk_scale, cache_dtype, seed):
     rng = np.random.default_rng(seed)
     check_against_reference(make_batch(rng, seqs, num_kv_heads, group, head_dim, block_size,
-                                       q_strided=q_strided, qk_scale=qk_scale))
+                                       q_strided=q_strided, qk_scale=qk_scale,
+                                       cache_dtype=cache_dtype))
 
 
 # Few work items with long contexts: the KV range is split across threads and merged.
+@pytest.mark.parametrize("cache_dtype", CACHE_DTYPES)
 @pytest.mark.parametrize("seqs,num_kv_heads,group,head_dim,block_size", [
     ([(3000, 1)], 1, 1, 64, 16),                 # one long decode
     ([(1500, 1), (700, 1)], 1, 3, 17, 32),       # two decodes, GQA
     ([(1200, 5)], 3, 3, 64, 16),                 # short chunk after a long prefix (SmolLM2)
     ([(600, 40)], 1, 8, 3, 2),                   # rows that some splits never reach
     ([(4096, 1)], 3, 3, 64, 16),
+    ([(1000, 1), (300, 1)], 8, 4, 128, 16),      # decodes over 32 query heads (Llama-3.2-1B)
+    ([(700, 1)], 8, 8, 64, 16),                  # 64 query heads: a decode item per KV head
+    ([(900, 33)], 2, 4, 128, 16),                # a prefill chunk, head_dim 128
 ])
-def test_long_context(isa, seqs, num_kv_heads, group, head_dim, block_size):
+def test_long_context(isa, seqs, num_kv_heads, group, head_dim, block_size, cache_dtype):
     rng = np.random.default_rng(1)
     check_against_reference(make_batch(rng, seqs, num_kv_heads, group, head_dim, block_size,
-                                       extra_blocks=1, qk_scale=3.0))
+                                       extra_blocks=1, qk_scale=3.0, cache_dtype=cache_dtype))
 
 
 def test_empty_batch(isa, rng):
@@ -136,6 +147,8 @@ def _mutate(case, args):
         k_cache = np.repeat(k_cache, 2, axis=0)[::2]
     elif case == "k_cache dtype":
         k_cache = k_cache.astype(np.float16)
+    elif case == "v_cache dtype unlike k_cache":
+        v_cache = v_cache.astype(BF16)
     elif case == "v_cache shape":
         v_cache = v_cache[:-1]
     elif case == "head_dim":
@@ -184,6 +197,7 @@ def _mutate(case, args):
 ERRORS = {
     "q dtype": "q", "q ndim": "q", "q last dim": "q", "k_cache contiguous": "k_cache",
     "k_cache dtype": "k_cache", "v_cache shape": "v_cache", "head_dim": "k_cache",
+    "v_cache dtype unlike k_cache": "v_cache must have k_cache's dtype float32, got bfloat16",
     "gqa ratio": "heads must be a multiple", "block_tables dtype": "block_tables",
     "block_tables ndim": "block_tables", "seq_lens shape": "seq_lens",
     "query_start_loc shape": "query_start_loc", "query_start_loc start": r"query_start_loc\[0\]",
@@ -207,12 +221,15 @@ def test_rejects(case, rng):
 
 
 @given(seqs=st.lists(st.tuples(st.integers(1, 1300), st.integers(1, 3)), min_size=2, max_size=5),
+       head_dim=st.sampled_from([16, 64]), cache_dtype=st.sampled_from(CACHE_DTYPES),
        seed=st.integers(0, 2**16))
-def test_each_sequence_is_bit_identical_alone_and_in_a_batch(isa, seqs, seed):
+def test_each_sequence_is_bit_identical_alone_and_in_a_batch(isa, seqs, head_dim, cache_dtype,
+                                                              seed):
     """Batch invariance: a sequence's output does not depend on the others in the step
     (including contexts long enough for the split-KV path)."""
     seqs = [(max(seq_len, n), n) for seq_len, n in seqs]
-    args = make_batch(np.random.default_rng(seed), seqs, 2, 3, 16, 16)
+    args = make_batch(np.random.default_rng(seed), seqs, 2, 3, head_dim, 16,
+                      cache_dtype=cache_dtype)
     q, k_cache, v_cache, block_tables, seq_lens, qsl, scale, out = args
     ops.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, qsl, scale, out=out)
     for s in range(len(seqs)):

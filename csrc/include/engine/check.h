@@ -1,6 +1,7 @@
 // Argument checks at the op boundary. Each failure throws std::invalid_argument
 // naming the op, the argument, what was expected and what came; pybind11 turns
-// it into ValueError.
+// it into ValueError. Messages are built only on failure: a decode step makes a few
+// hundred op calls, and formatting every message up front cost about a microsecond each.
 #pragma once
 
 #include <initializer_list>
@@ -15,9 +16,8 @@ namespace engine {
   throw std::invalid_argument(std::string(op) + ": " + msg);
 }
 
-inline void check(bool ok, const char* op, const std::string& msg) {
-  if (!ok) fail(op, msg);
-}
+// ENGINE_CHECK(ok, op, msg): fail(op, msg) unless ok; msg is evaluated only then.
+#define ENGINE_CHECK(ok, op, msg) ((ok) ? static_cast<void>(0) : ::engine::fail((op), (msg)))
 
 inline std::string dtype_list(std::initializer_list<DType> allowed) {
   std::string s;
@@ -35,9 +35,17 @@ inline void check_dtype(const TensorView& t, const char* op, const char* arg,
   fail(op, std::string(arg) + " must be " + dtype_list(allowed) + ", got " + t.describe());
 }
 
+inline void check_same_dtype(const TensorView& t, const TensorView& like, const char* op,
+                             const char* arg, const char* like_arg) {
+  if (t.dtype == like.dtype) return;
+  fail(op, std::string(arg) + " must have " + like_arg + "'s dtype " + dtype_name(like.dtype) +
+               ", got " + t.describe());
+}
+
 inline void check_ndim(const TensorView& t, const char* op, const char* arg, int ndim) {
-  check(t.ndim == ndim, op,
-        std::string(arg) + " must have " + std::to_string(ndim) + " dims, got " + t.describe());
+  ENGINE_CHECK(
+      t.ndim == ndim, op,
+      std::string(arg) + " must have " + std::to_string(ndim) + " dims, got " + t.describe());
 }
 
 // shape entries of -1 match anything.
@@ -45,24 +53,28 @@ inline void check_shape(const TensorView& t, const char* op, const char* arg,
                         std::initializer_list<int64_t> shape) {
   bool ok = t.ndim == static_cast<int>(shape.size());
   int i = 0;
-  std::string want = "[";
   for (int64_t s : shape) {
-    if (i) want += ", ";
-    want += s < 0 ? std::string("*") : std::to_string(s);
     if (ok && s >= 0 && t.shape[i] != s) ok = false;
     ++i;
   }
-  want += "]";
-  check(ok, op, std::string(arg) + " must have shape " + want + ", got " + t.describe());
+  if (ok) return;
+  std::string want = "[";
+  i = 0;
+  for (int64_t s : shape) {
+    if (i++) want += ", ";
+    want += s < 0 ? std::string("*") : std::to_string(s);
+  }
+  fail(op, std::string(arg) + " must have shape " + want + "], got " + t.describe());
 }
 
 inline void check_contiguous(const TensorView& t, const char* op, const char* arg) {
-  check(t.is_contiguous(), op, std::string(arg) + " must be contiguous, got strides that are not");
+  ENGINE_CHECK(t.is_contiguous(), op,
+               std::string(arg) + " must be contiguous, got strides that are not");
 }
 
 inline void check_row_contiguous(const TensorView& t, const char* op, const char* arg) {
-  check(t.is_row_contiguous(), op,
-        std::string(arg) + " must have a contiguous last dimension (stride 1)");
+  ENGINE_CHECK(t.is_row_contiguous(), op,
+               std::string(arg) + " must have a contiguous last dimension (stride 1)");
 }
 
 // Whether two views can touch a common byte: their spans [first byte, last byte + 1)

@@ -48,6 +48,28 @@ inline float f16_to_f32(uint16_t h) {
   return f;
 }
 
+inline uint16_t f32_to_f16(float f) {  // round to nearest even; overflow to inf, NaN stays NaN
+  uint32_t bits;
+  std::memcpy(&bits, &f, 4);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  const uint32_t abs = bits & 0x7fffffffu;
+  if (abs > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u | ((abs >> 13) & 0x3ffu));
+  if (abs >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds past 65504
+  if (abs < 0x38800000u) {  // below 2^-14: a subnormal (or zero) half
+    if (abs < 0x33000000u) return static_cast<uint16_t>(sign);  // under half the smallest
+    const uint32_t shift = 126u - (abs >> 23);  // 14 .. 24
+    const uint32_t mant = (abs & 0x7fffffu) | 0x800000u;
+    uint32_t h = mant >> shift;
+    const uint32_t rest = mant & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+    if (rest > half || (rest == half && (h & 1u))) ++h;
+    return static_cast<uint16_t>(sign | h);
+  }
+  uint32_t h = ((abs >> 13) - (112u << 10));  // rebias the exponent 127 -> 15
+  const uint32_t rest = abs & 0x1fffu;
+  if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) ++h;  // may carry into the exponent
+  return static_cast<uint16_t>(sign | h);
+}
+
 // Weight element types as tags for templates.
 struct bf16_t { uint16_t bits; };
 struct f16_t { uint16_t bits; };

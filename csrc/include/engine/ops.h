@@ -103,16 +103,18 @@ void embedding(const TensorView& ids, const TensorView& table, const TensorView&
 
 // ---- kv cache ------------------------------------------------------------------
 // k_cache[slot / block_size, slot % block_size] = k[i] (and v) for slot = slot_mapping[i];
-// a slot of -1 is skipped.
+// a slot of -1 is skipped; a bf16 or f16 cache gets the values rounded to nearest even.
 //   k, v          [num_tokens, num_kv_heads, head_dim] f32 (any token stride)
-//   k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] f32 contiguous
+//   k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] f32, bf16 or
+//                    f16 (both alike), contiguous
 //   slot_mapping  [num_tokens] i32
 void kv_cache_write(const TensorView& k, const TensorView& v, const TensorView& k_cache,
                     const TensorView& v_cache, const TensorView& slot_mapping);
 // k_cache[dst_blocks[i]] = k_cache[src_blocks[i]] (and v), whole blocks: the K/V copy
 // of copy-on-write. Ids in [0, num_blocks); no dst repeats or is also a src, so the
 // pairs are independent.
-//   k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] f32 contiguous
+//   k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] f32, bf16 or
+//                    f16 (both alike), contiguous
 //   src_blocks, dst_blocks [num_pairs] i32
 void kv_cache_copy(const TensorView& k_cache, const TensorView& v_cache,
                    const TensorView& src_blocks, const TensorView& dst_blocks);
@@ -124,7 +126,7 @@ void kv_cache_copy(const TensorView& k_cache, const TensorView& v_cache,
 // j-th new token sits at position seq_lens[s] - num_new + j and attends to positions
 // 0..that position. Grouped-query: query head h reads KV head h / (num_q_heads / num_kv_heads).
 //   q               [num_tokens, num_q_heads, head_dim] f32 (any token stride)
-//   k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] f32
+//   k_cache, v_cache [num_blocks, block_size, num_kv_heads, head_dim] f32, bf16 or f16 (alike)
 //   block_tables    [num_seqs, max_blocks_per_seq] i32
 //   seq_lens        [num_seqs] i32
 //   query_start_loc [num_seqs + 1] i32

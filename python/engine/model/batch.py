@@ -35,7 +35,7 @@ class KVCache:
     @classmethod
     def allocate(cls, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype=np.float32, device: str = "cpu"):
-        """Zeroed K and V caches; float32 on the CPU, float32 or bfloat16 on the GPU."""
+        """Zeroed K and V caches, float32 or bfloat16."""
         from engine import ops
 
         shape = (num_blocks, block_size, num_kv_heads, head_dim)

@@ -12,7 +12,8 @@ import json
 from engine.model.registry import DEFAULT_MODEL
 
 _ENGINE_ARGS = {"max_model_len": int, "num_kv_blocks": int, "kv_cache_gib": float,
-                "max_num_seqs": int, "max_num_batched_tokens": int, "block_size": int}
+                "max_num_seqs": int, "max_num_batched_tokens": int, "block_size": int,
+                "kv_cache_dtype": str}
 
 
 def _csv(text: str) -> list[str]:
