@@ -188,39 +188,61 @@ inline __m512 scores16(const float* q, const T* k, int64_t stride, int64_t n) {
   return sum16(s);
 }
 
-// Rows [i0, i0 + R) of a chunk: scores, online-softmax update, then the value rows, each
-// loaded once for all R rows. Row i sees the chunk's first valid[i] positions only.
+// Up to kParts chunks of at most 16 positions (each within one cache block) whose
+// softmax update is done at once: the serial part of a row's update (max, exp, sum) is
+// then paid once per 64 positions instead of once per 16.
+constexpr int kParts = 4;
+template <typename T>
+struct Span {
+  int parts = 0;
+  int64_t pos[kParts], n[kParts];
+  const T* k[kParts];
+  const T* v[kParts];
+};
+
+// Rows [i0, i0 + R) (all on the KV head at offset `off`) over a span: scores, one online
+// softmax update per row, then the value rows, each loaded once for all R rows. Row i sees
+// a part's first valid positions only (causal limits in prefill tiles).
 template <int NV, int R, typename T>
-inline void chunk_rows(Rows& rw, int64_t i0, float scale, int64_t pos, int64_t n, const T* k,
-                       const T* v, int64_t stride) {
-  alignas(64) float p[R][16];
+inline void span_rows(Rows& rw, int64_t i0, float scale, const Span<T>& sp, int64_t off,
+                      int64_t stride) {
+  alignas(64) float p[R][kParts][16];
+  int64_t valid[R][kParts];
   float alpha[R];
-  int64_t valid[R];
-  int64_t lo = 16, hi = 0;  // every row sees [0, lo); some see [lo, hi)
+  bool any = false;
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const int64_t i = i0 + r;
-    valid[r] = min_i64(n, rw.limit[i] - pos);
     alpha[r] = 1.0f;
-    if (valid[r] <= 0) {
-      valid[r] = 0;
-      lo = 0;
-      continue;
+    __m512 s[kParts];
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    bool seen = false;
+    for (int c = 0; c < sp.parts; ++c) {
+      const int64_t vc = min_i64(sp.n[c], rw.limit[i] - sp.pos[c]);
+      valid[r][c] = vc > 0 ? vc : 0;
+      if (vc <= 0) continue;
+      seen = true;
+      const __mmask16 mask = tail_mask(vc);
+      s[c] = _mm512_mul_ps(scores16<NV>(rw.q[i], sp.k[c] + off, stride, vc), _mm512_set1_ps(scale));
+      vmax = _mm512_mask_max_ps(vmax, mask, vmax, s[c]);
     }
-    lo = min_i64(lo, valid[r]);
-    hi = max_i64(hi, valid[r]);
-    const __mmask16 mask = tail_mask(valid[r]);
-    const __m512 s =
-        _mm512_mul_ps(scores16<NV>(rw.q[i], k, stride, valid[r]), _mm512_set1_ps(scale));
-    const float chunk_max = _mm512_mask_reduce_max_ps(mask, s);
+    if (!seen) continue;
+    any = true;
+    const float chunk_max = _mm512_reduce_max_ps(vmax);
     const float m_new = chunk_max > rw.m[i] ? chunk_max : rw.m[i];
     if (m_new != rw.m[i] && rw.m[i] != -INFINITY) alpha[r] = expf(rw.m[i] - m_new);
     rw.m[i] = m_new;
-    const __m512 e = _mm512_maskz_mov_ps(mask, exp512(_mm512_sub_ps(s, _mm512_set1_ps(m_new))));
-    rw.l[i] = rw.l[i] * alpha[r] + _mm512_reduce_add_ps(e);
-    _mm512_store_ps(p[r], e);
+    __m512 sum = _mm512_setzero_ps();
+    for (int c = 0; c < sp.parts; ++c) {
+      if (valid[r][c] == 0) continue;
+      const __m512 e = _mm512_maskz_mov_ps(tail_mask(valid[r][c]),
+                                           exp512(_mm512_sub_ps(s[c], _mm512_set1_ps(m_new))));
+      sum = _mm512_add_ps(sum, e);
+      _mm512_store_ps(p[r][c], e);
+    }
+    rw.l[i] = rw.l[i] * alpha[r] + _mm512_reduce_add_ps(sum);
   }
-  if (hi == 0) return;
+  if (!any) return;
   __m512 acc[R][NV];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
@@ -229,30 +251,39 @@ inline void chunk_rows(Rows& rw, int64_t i0, float scale, int64_t pos, int64_t n
     for (int e = 0; e < NV; ++e)
       acc[r][e] = _mm512_mul_ps(_mm512_loadu_ps(rw.acc[i0 + r] + 16 * e), a);
   }
-  for (int64_t j = 0; j < lo; ++j) {
-    __m512 x[NV];
-    // Loaded once for the R rows: without the barrier GCC folds the load into each
-    // row's FMA, and loads (one 512-bit a cycle) would bound the loop instead of FMAs.
-#pragma GCC unroll 8
-    for (int e = 0; e < NV; ++e) {
-      x[e] = load16(v + j * stride + 16 * e);
-      __asm__("" : "+v"(x[e]));
-    }
+  for (int c = 0; c < sp.parts; ++c) {
+    int64_t lo = 16, hi = 0;  // every row sees [0, lo) of the part; some see [lo, hi)
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      const __m512 pj = _mm512_set1_ps(p[r][j]);
-#pragma GCC unroll 8
-      for (int e = 0; e < NV; ++e) acc[r][e] = _mm512_fmadd_ps(pj, x[e], acc[r][e]);
+      lo = min_i64(lo, valid[r][c]);
+      hi = max_i64(hi, valid[r][c]);
     }
-  }
-  for (int64_t j = lo; j < hi; ++j) {  // causal tails of prefill rows
-#pragma GCC unroll 4
-    for (int r = 0; r < R; ++r) {
-      if (j >= valid[r]) continue;
-      const __m512 pj = _mm512_set1_ps(p[r][j]);
+    const T* v = sp.v[c] + off;
+    for (int64_t j = 0; j < lo; ++j) {
+      __m512 x[NV];
+      // Loaded once for the R rows: without the barrier GCC folds the load into each
+      // row's FMA, and loads (one 512-bit a cycle) would bound the loop instead of FMAs.
 #pragma GCC unroll 8
-      for (int e = 0; e < NV; ++e)
-        acc[r][e] = _mm512_fmadd_ps(pj, load16(v + j * stride + 16 * e), acc[r][e]);
+      for (int e = 0; e < NV; ++e) {
+        x[e] = load16(v + j * stride + 16 * e);
+        __asm__("" : "+v"(x[e]));
+      }
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        const __m512 pj = _mm512_set1_ps(p[r][c][j]);
+#pragma GCC unroll 8
+        for (int e = 0; e < NV; ++e) acc[r][e] = _mm512_fmadd_ps(pj, x[e], acc[r][e]);
+      }
+    }
+    for (int64_t j = lo; j < hi; ++j) {  // causal tails of prefill rows
+#pragma GCC unroll 4
+      for (int r = 0; r < R; ++r) {
+        if (j >= valid[r][c]) continue;
+        const __m512 pj = _mm512_set1_ps(p[r][c][j]);
+#pragma GCC unroll 8
+        for (int e = 0; e < NV; ++e)
+          acc[r][e] = _mm512_fmadd_ps(pj, load16(v + j * stride + 16 * e), acc[r][e]);
+      }
     }
   }
 #pragma GCC unroll 4
@@ -261,37 +292,44 @@ inline void chunk_rows(Rows& rw, int64_t i0, float scale, int64_t pos, int64_t n
     for (int e = 0; e < NV; ++e) _mm512_storeu_ps(rw.acc[i0 + r] + 16 * e, acc[r][e]);
 }
 
-// attend_item for head_dim = 16 * NV: 16-position chunks, rows in groups of R that share
-// each value row's load (R * NV accumulators stay in registers).
+// The rows of an item over a span: runs of rows on one KV head, R rows at a time.
+template <int NV, typename T>
+void span_all_rows(Rows& rw, float scale, const Span<T>& sp, int64_t stride) {
+  constexpr int R = NV <= 4 ? 4 : 2;
+  for (int64_t i = 0; i < rw.n;) {
+    const int64_t off = rw.kv_offset[i];
+    int64_t end = i + 1;
+    while (end < rw.n && rw.kv_offset[end] == off) ++end;
+    for (; i + R <= end; i += R) span_rows<NV, R>(rw, i, scale, sp, off, stride);
+    switch (end - i) {  // the last few rows (a decode's group of 3 query heads, say)
+      case 3: span_rows<NV, 3>(rw, i, scale, sp, off, stride); break;
+      case 2: span_rows<NV, 2>(rw, i, scale, sp, off, stride); break;
+      case 1: span_rows<NV, 1>(rw, i, scale, sp, off, stride); break;
+      default: break;
+    }
+    i = end;
+  }
+}
+
+// attend_item for head_dim = 16 * NV: chunks of at most 16 positions, gathered into spans
+// of kParts chunks for each softmax update.
 template <int NV, typename T>
 void attend_item_fast(const Args& a, const Item& it, const Dest& d) {
-  constexpr int R = NV <= 4 ? 4 : 2;
   const int64_t stride = a.num_kv_heads * a.head_dim;
   Rows rw;
   init_rows(a, it, d, rw);
+  Span<T> sp;
   for_each_chunk<T>(a, it, rw.kv_end, 16, [&](int64_t pos, int64_t n, const T* k, const T* v) {
-    for (int64_t i = 0; i < rw.n;) {  // runs of rows on one KV head, R rows at a time
-      const int64_t off = rw.kv_offset[i];
-      int64_t end = i + 1;
-      while (end < rw.n && rw.kv_offset[end] == off) ++end;
-      const T *kh = k + off, *vh = v + off;
-      for (; i + R <= end; i += R) chunk_rows<NV, R>(rw, i, a.scale, pos, n, kh, vh, stride);
-      switch (end - i) {  // the last few rows (a decode's group of 3 query heads, say)
-        case 3:
-          chunk_rows<NV, 3>(rw, i, a.scale, pos, n, kh, vh, stride);
-          break;
-        case 2:
-          chunk_rows<NV, 2>(rw, i, a.scale, pos, n, kh, vh, stride);
-          break;
-        case 1:
-          chunk_rows<NV, 1>(rw, i, a.scale, pos, n, kh, vh, stride);
-          break;
-        default:
-          break;
-      }
-      i = end;
+    sp.pos[sp.parts] = pos;
+    sp.n[sp.parts] = n;
+    sp.k[sp.parts] = k;
+    sp.v[sp.parts] = v;
+    if (++sp.parts == kParts) {
+      span_all_rows<NV>(rw, a.scale, sp, stride);
+      sp.parts = 0;
     }
   });
+  if (sp.parts > 0) span_all_rows<NV>(rw, a.scale, sp, stride);
   finish_rows(a, d, rw);
 }
 

@@ -7,12 +7,20 @@
 // before anything is written, so a rejected call leaves both caches untouched.
 #include <cstring>
 #include <string>
+#include <type_traits>
 
 #include "engine/check.h"
 #include "engine/convert.h"
+#include "engine/isa.h"
 #include "engine/ops.h"
 
 namespace engine {
+namespace kv_cache_detail {
+// kv_cache_avx2.cpp: n values, float32 -> float16 / bfloat16 bits.
+void to_f16_avx2(const float* src, int64_t n, uint16_t* dst);
+void to_bf16_avx2(const float* src, int64_t n, uint16_t* dst);
+}  // namespace kv_cache_detail
+
 namespace {
 
 constexpr const char* kOp = "kv_cache_write";
@@ -67,6 +75,23 @@ inline void store(float* d, float x) { *d = x; }
 inline void store(bf16_t* d, float x) { d->bits = f32_to_bf16(x); }
 inline void store(f16_t* d, float x) { d->bits = f32_to_f16(x); }
 
+// A contiguous run of n values: a copy, or a conversion (8 at a time where AVX2 and F16C
+// are there; the same bits either way).
+inline void store_run(float* d, const float* s, int64_t n) {
+  std::memcpy(d, s, static_cast<size_t>(n) * sizeof(float));
+}
+template <typename T>
+inline void store_run(T* d, const float* s, int64_t n) {
+#if defined(ENGINE_X86)
+  if (current_isa() != Isa::portable) {
+    uint16_t* bits = reinterpret_cast<uint16_t*>(d);
+    if constexpr (std::is_same_v<T, f16_t>) return kv_cache_detail::to_f16_avx2(s, n, bits);
+    return kv_cache_detail::to_bf16_avx2(s, n, bits);
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) store(d + j, s[j]);
+}
+
 // dst [num_kv_heads, head_dim] contiguous <- src [num_kv_heads, head_dim] with strides.
 template <typename T>
 void copy_row(T* dst, const float* src, int64_t num_heads, int64_t head_dim, int64_t head_stride,
@@ -74,8 +99,8 @@ void copy_row(T* dst, const float* src, int64_t num_heads, int64_t head_dim, int
   for (int64_t h = 0; h < num_heads; ++h) {
     const float* s = src + h * head_stride;
     T* d = dst + h * head_dim;
-    if (sizeof(T) == sizeof(float) && dim_stride == 1) {
-      std::memcpy(d, s, static_cast<size_t>(head_dim) * sizeof(float));
+    if (dim_stride == 1) {
+      store_run(d, s, head_dim);
     } else {
       for (int64_t j = 0; j < head_dim; ++j) store(d + j, s[j * dim_stride]);
     }
