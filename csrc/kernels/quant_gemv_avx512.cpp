@@ -8,6 +8,7 @@
 #pragma GCC target("avx512vnni")
 #include <immintrin.h>
 
+#include <cstring>
 #include <vector>
 
 #include "quant_avx512.h"
@@ -64,54 +65,29 @@ struct GroupTable {
   TableView lane(int r) { return {&scale[0][r], &min[0][r], &sc6[0][0][r], kRows}; }
 };
 
-// The first 4 bytes of 16 blocks block_bytes apart (lanes past nb: 0): f16 d, then f16 m
-// (q4_1) or the first codes.
-inline __m512i gather_heads(const uint8_t* p, int block_bytes, int nb) {
-  const __m512i offsets = _mm512_mullo_epi32(
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-      _mm512_set1_epi32(block_bytes));
-  const __mmask16 mask = static_cast<__mmask16>(nb >= 16 ? 0xFFFF : (1u << nb) - 1);
-  return _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offsets, p, 1);
-}
-
-inline __m512 low_halves(__m512i w) { return _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w)); }
-inline __m512 high_halves(__m512i w) { return low_halves(_mm512_srli_epi32(w, 16)); }
-
-// out[b][r] = v[r][b] for 16 blocks b and the 4 rows r.
-inline void transpose_store(const __m512 (&v)[kRows], float (*out)[kRows]) {
-  const __m512 t0 = _mm512_unpacklo_ps(v[0], v[1]), t1 = _mm512_unpackhi_ps(v[0], v[1]);
-  const __m512 t2 = _mm512_unpacklo_ps(v[2], v[3]), t3 = _mm512_unpackhi_ps(v[2], v[3]);
-  // u_m's 128-bit lane k holds block 4k + m for rows 0..3
-  const __m512 u0 = _mm512_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m512 u1 = _mm512_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m512 u2 = _mm512_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
-  const __m512 u3 = _mm512_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
-  const __m512 a02 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(2, 0, 2, 0));  // b0 b8 b1 b9
-  const __m512 b02 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(2, 0, 2, 0));  // b2 b10 b3 b11
-  const __m512 a13 = _mm512_shuffle_f32x4(u0, u1, _MM_SHUFFLE(3, 1, 3, 1));  // b4 b12 b5 b13
-  const __m512 b13 = _mm512_shuffle_f32x4(u2, u3, _MM_SHUFFLE(3, 1, 3, 1));  // b6 b14 b7 b15
-  float* o = &out[0][0];
-  _mm512_storeu_ps(o, _mm512_shuffle_f32x4(a02, b02, _MM_SHUFFLE(2, 0, 2, 0)));       // b0-3
-  _mm512_storeu_ps(o + 16, _mm512_shuffle_f32x4(a13, b13, _MM_SHUFFLE(2, 0, 2, 0)));  // b4-7
-  _mm512_storeu_ps(o + 32, _mm512_shuffle_f32x4(a02, b02, _MM_SHUFFLE(3, 1, 3, 1)));  // b8-11
-  _mm512_storeu_ps(o + 48, _mm512_shuffle_f32x4(a13, b13, _MM_SHUFFLE(3, 1, 3, 1)));  // b12-15
-}
-
-// The tables of blocks [b0, b0 + nb) for the group's rows: gathers for the 32-value
-// formats (the same f16 -> f32 values row_table gives), row_table for the k-quants.
+// The tables of blocks [b0, b0 + nb) for the group's rows: for the 32-value formats the 4
+// rows' f16 heads of a block packed into one vector and converted (the same f32 values
+// row_table gives; 4 scalar loads a block cost less than a 16-lane gather and a transpose
+// per row: q4_0 2048 x 2048 on one core 141 -> 113 us), row_table for the k-quants.
 template <QuantFormat F>
 void group_table(const uint8_t* const (&rows)[kRows], int64_t b0, int nb, GroupTable& t) {
   if constexpr (F == QuantFormat::q8_0 || F == QuantFormat::q4_0 || F == QuantFormat::q4_1) {
     constexpr int bytes = F == QuantFormat::q8_0 ? 34 : F == QuantFormat::q4_0 ? 18 : 20;
-    for (int i = 0; i < nb; i += 16) {
-      __m512 v[kRows], m[kRows];
+    for (int i = 0; i < nb; ++i) {  // the 4 rows' f16 d (and m) of block i, as one vector
+      uint64_t d = 0, m = 0;
       for (int r = 0; r < kRows; ++r) {
-        const __m512i heads = gather_heads(rows[r] + (b0 + i) * bytes, bytes, nb - i);
-        v[r] = low_halves(heads);
-        if constexpr (F == QuantFormat::q4_1) m[r] = high_halves(heads);
+        const uint8_t* head = rows[r] + (b0 + i) * bytes;
+        uint16_t h;
+        std::memcpy(&h, head, 2);
+        d |= static_cast<uint64_t>(h) << (16 * r);
+        if constexpr (F == QuantFormat::q4_1) {
+          std::memcpy(&h, head + 2, 2);
+          m |= static_cast<uint64_t>(h) << (16 * r);
+        }
       }
-      transpose_store(v, t.scale + i);
-      if constexpr (F == QuantFormat::q4_1) transpose_store(m, t.min + i);
+      _mm_store_ps(t.scale[i], _mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<int64_t>(d))));
+      if constexpr (F == QuantFormat::q4_1)
+        _mm_store_ps(t.min[i], _mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<int64_t>(m))));
     }
   } else {
     for (int r = 0; r < kRows; ++r) row_table<F>(rows[r], b0, nb, t.lane(r));
