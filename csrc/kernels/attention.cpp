@@ -122,9 +122,9 @@ struct PortableOps {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent sums the compiler can vectorise
     int64_t i = 0;
     for (; i + 8 <= n; i += 8)
-      for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * load1(b + i + k);
+      for (int k = 0; k < 8; ++k) acc[k] += a[i + k] * to_f32(b[i + k]);
     float sum = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; i < n; ++i) sum += a[i] * load1(b + i);
+    for (; i < n; ++i) sum += a[i] * to_f32(b[i]);
     return sum;
   }
   template <typename T>
@@ -148,7 +148,7 @@ struct PortableOps {
     for (int64_t j = 0; j < n; ++j) {
       const float pj = p[j];
       const T* xj = x + j * x_stride;
-      for (int64_t i = 0; i < dim; ++i) y[i] += pj * load1(xj + i);
+      for (int64_t i = 0; i < dim; ++i) y[i] += pj * to_f32(xj[i]);
     }
   }
 };

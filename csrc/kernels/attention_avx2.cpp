@@ -37,7 +37,7 @@ struct Avx2Ops {
     }
     for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
     float sum = hsum(_mm256_add_ps(s0, s1));
-    for (; i < n; ++i) sum += a[i] * load1(b + i);
+    for (; i < n; ++i) sum += a[i] * to_f32(b[i]);
     return sum;
   }
 
@@ -88,7 +88,7 @@ struct Avx2Ops {
     }
     for (; i < dim; ++i) {
       float acc = y[i];
-      for (int64_t j = 0; j < n; ++j) acc += p[j] * load1(x + j * x_stride + i);
+      for (int64_t j = 0; j < n; ++j) acc += p[j] * to_f32(x[j * x_stride + i]);
       y[i] = acc;
     }
   }

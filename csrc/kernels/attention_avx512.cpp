@@ -97,45 +97,11 @@ struct Avx512Ops {
     return _mm512_reduce_add_ps(sum);
   }
 
-  // y += sum_j p[j] * x[j]: the whole row of accumulators (NV vectors) stays in registers
-  // across the n value rows, two sets of them so that no FMA waits on the one before.
-  template <int NV, typename T>
-  static void axpy_rows_fixed(float* y, const float* p, const T* x, int64_t x_stride, int64_t n) {
-    __m512 a0[NV], a1[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      a0[v] = _mm512_loadu_ps(y + 16 * v);
-      a1[v] = _mm512_setzero_ps();
-    }
-    int64_t j = 0;
-    for (; j + 2 <= n; j += 2) {
-      const __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
-      const T* x0 = x + j * x_stride;
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) {
-        a0[v] = _mm512_fmadd_ps(p0, load16(x0 + 16 * v), a0[v]);
-        a1[v] = _mm512_fmadd_ps(p1, load16(x0 + x_stride + 16 * v), a1[v]);
-      }
-    }
-    if (j < n) {
-      const __m512 p0 = _mm512_set1_ps(p[j]);
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v)
-        a0[v] = _mm512_fmadd_ps(p0, load16(x + j * x_stride + 16 * v), a0[v]);
-    }
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(y + 16 * v, _mm512_add_ps(a0[v], a1[v]));
-  }
-
+  // head_dim 64 and 128 take attend_item_fast below; any other size: one vector at a time.
   template <typename T>
   static void axpy_rows(float* y, const float* p, const T* x, int64_t x_stride, int64_t n,
                         int64_t dim) {
-    switch (dim) {  // the common head sizes
-      case 64: return axpy_rows_fixed<4>(y, p, x, x_stride, n);
-      case 128: return axpy_rows_fixed<8>(y, p, x, x_stride, n);
-      default: break;
-    }
-    for (int64_t i = 0; i < dim; i += 16) {  // any other size: one vector at a time
+    for (int64_t i = 0; i < dim; i += 16) {
       const __mmask16 k = dim - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(dim - i);
       __m512 acc = _mm512_maskz_loadu_ps(k, y + i);
       for (int64_t j = 0; j < n; ++j)

@@ -73,12 +73,6 @@ namespace {
 inline int64_t min_i64(int64_t x, int64_t y) { return x < y ? x : y; }
 inline int64_t max_i64(int64_t x, int64_t y) { return x > y ? x : y; }
 
-// One cached value as float32 (T is float, bf16_t or f16_t).
-template <typename T>
-inline float load1(const T* p) {
-  return to_f32(*p);
-}
-
 inline int64_t chunk_len(const Args& a) {
   int64_t c = a.head_dim > 0 ? 4096 / a.head_dim : kMaxChunk;  // ~16 KiB of K per chunk
   return c < 1 ? 1 : (c > kMaxChunk ? kMaxChunk : c);
@@ -178,32 +172,32 @@ void attend_item(const Args& a, const Item& it, const Dest& d) {
   Rows rw;
   init_rows(a, it, d, rw);
   float s[kMaxChunk];
-  for_each_chunk<T>(a, it, rw.kv_end, chunk_len(a),
-                    [&](int64_t pos, int64_t n, const T* k, const T* v) {
-                      for (int64_t i = 0; i < rw.n; ++i) {
-                        const int64_t valid = min_i64(n, rw.limit[i] - pos);
-                        if (valid <= 0) continue;
-                        float chunk_max = -INFINITY;
-                        int64_t j = 0;
-                        const T* ki = k + rw.kv_offset[i];
-                        for (; j + 4 <= valid; j += 4)
-                          Ops::dot4(rw.q[i], ki + j * token_stride, token_stride, D, s + j);
-                        for (; j < valid; ++j) s[j] = Ops::dot(rw.q[i], ki + j * token_stride, D);
-                        for (j = 0; j < valid; ++j) {
-                          s[j] *= a.scale;
-                          chunk_max = s[j] > chunk_max ? s[j] : chunk_max;
-                        }
-                        const float m_new = chunk_max > rw.m[i] ? chunk_max : rw.m[i];
-                        if (m_new != rw.m[i] && rw.m[i] != -INFINITY) {
-                          const float alpha = expf(rw.m[i] - m_new);
-                          rw.l[i] *= alpha;
-                          Ops::scale(rw.acc[i], alpha, D);
-                        }
-                        rw.m[i] = m_new;
-                        rw.l[i] += Ops::exp_sum(s, m_new, valid);
-                        Ops::axpy_rows(rw.acc[i], s, v + rw.kv_offset[i], token_stride, valid, D);
-                      }
-                    });
+  auto chunk = [&](int64_t pos, int64_t n, const T* k, const T* v) {
+    for (int64_t i = 0; i < rw.n; ++i) {
+      const int64_t valid = min_i64(n, rw.limit[i] - pos);
+      if (valid <= 0) continue;
+      float chunk_max = -INFINITY;
+      int64_t j = 0;
+      const T* ki = k + rw.kv_offset[i];
+      for (; j + 4 <= valid; j += 4)
+        Ops::dot4(rw.q[i], ki + j * token_stride, token_stride, D, s + j);
+      for (; j < valid; ++j) s[j] = Ops::dot(rw.q[i], ki + j * token_stride, D);
+      for (j = 0; j < valid; ++j) {
+        s[j] *= a.scale;
+        chunk_max = s[j] > chunk_max ? s[j] : chunk_max;
+      }
+      const float m_new = chunk_max > rw.m[i] ? chunk_max : rw.m[i];
+      if (m_new != rw.m[i] && rw.m[i] != -INFINITY) {
+        const float alpha = expf(rw.m[i] - m_new);
+        rw.l[i] *= alpha;
+        Ops::scale(rw.acc[i], alpha, D);
+      }
+      rw.m[i] = m_new;
+      rw.l[i] += Ops::exp_sum(s, m_new, valid);
+      Ops::axpy_rows(rw.acc[i], s, v + rw.kv_offset[i], token_stride, valid, D);
+    }
+  };
+  for_each_chunk<T>(a, it, rw.kv_end, chunk_len(a), chunk);
   finish_rows(a, d, rw);
 }
 
