@@ -25,11 +25,11 @@ void silu_and_mul(const TensorView& x, const TensorView& out, cudaStream_t strea
   check_ndim(x, op, "x", 2);
   ENGINE_CHECK(x.size(1) % 2 == 0, op,
                "x must have an even number of columns, got " + x.describe());
-  check_rows(x, op, "x");
+  check_nonempty_row_contiguous(x, op, "x");
   const int64_t n = x.size(0), d = x.size(1) / 2;
   check_dtype(out, op, "out", {DType::f32});
   check_shape(out, op, "out", {n, d});
-  check_rows(out, op, "out");
+  check_nonempty_row_contiguous(out, op, "out");
   if (n == 0 || d == 0) return;
   ENGINE_CHECK(n <= 65535, op, "at most 65535 rows per call, got " + std::to_string(n));
   const int threads = 256;

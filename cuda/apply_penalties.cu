@@ -153,7 +153,7 @@ void apply_penalties(const TensorView& logits, const TensorView& prompt_tokens,
                      const TensorView& bias_offsets, cudaStream_t stream) {
   engine::check_dtype(logits, kOp, "logits", {DType::f32});
   engine::check_ndim(logits, kOp, "logits", 2);
-  check_rows(logits, kOp, "logits");
+  check_nonempty_row_contiguous(logits, kOp, "logits");
   const int64_t num_seqs = logits.size(0), vocab = logits.size(1);
   ENGINE_CHECK(
       vocab > 0 && vocab <= INT_MAX, kOp,

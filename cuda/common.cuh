@@ -44,9 +44,6 @@ inline int row_threads(int64_t n, int max_threads = 1024) {
   return static_cast<int>(t);
 }
 
-// An empty array has no rows to lay out, whatever strides it was given.
-inline void check_rows(const engine::TensorView& t, const char* op, const char* arg) {
-  if (t.numel() > 0) engine::check_row_contiguous(t, op, arg);
-}
+using engine::check_nonempty_row_contiguous;
 
 }  // namespace engine_cuda

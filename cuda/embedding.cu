@@ -44,11 +44,11 @@ void embedding(const TensorView& ids, const TensorView& table, const TensorView&
   check_ndim(ids, op, "ids", 1);
   check_dtype(table, op, "table", {DType::f32, DType::f16, DType::bf16});
   check_ndim(table, op, "table", 2);
-  check_rows(table, op, "table");
+  check_nonempty_row_contiguous(table, op, "table");
   const int64_t n = ids.size(0), hidden = table.size(1);
   check_dtype(out, op, "out", {DType::f32});
   check_shape(out, op, "out", {n, hidden});
-  check_rows(out, op, "out");
+  check_nonempty_row_contiguous(out, op, "out");
   if (n == 0 || hidden == 0) return;
   switch (table.dtype) {
     case DType::f32: launch<float>(ids, table, out, stream); break;
@@ -65,8 +65,8 @@ void copy(const TensorView& src, const TensorView& dst, cudaStream_t stream) {
                "src must have 1 or 2 dims, got " + src.describe());
   ENGINE_CHECK(dst.dtype == src.dtype && dst.ndim == src.ndim && dst.shape_str() == src.shape_str(),
                op, "dst must be " + src.describe() + " like src, got " + dst.describe());
-  check_rows(src, op, "src");
-  check_rows(dst, op, "dst");
+  check_nonempty_row_contiguous(src, op, "src");
+  check_nonempty_row_contiguous(dst, op, "dst");
   if (src.numel() == 0) return;
   const int64_t item = dtype_size(src.dtype);
   const int64_t rows = src.ndim == 2 ? src.size(0) : 1;

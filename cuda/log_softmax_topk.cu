@@ -139,7 +139,7 @@ void log_softmax_topk(const TensorView& logits, const TensorView& token_ids, int
                       const TensorView& out_topk_logprobs, cudaStream_t stream) {
   engine::check_dtype(logits, kOp, "logits", {DType::f32});
   engine::check_ndim(logits, kOp, "logits", 2);
-  check_rows(logits, kOp, "logits");
+  check_nonempty_row_contiguous(logits, kOp, "logits");
   const int64_t num_seqs = logits.size(0), vocab = logits.size(1);
   ENGINE_CHECK(
       vocab > 0 && vocab <= INT_MAX, kOp,
@@ -150,9 +150,9 @@ void log_softmax_topk(const TensorView& logits, const TensorView& token_ids, int
   check_out(token_ids, "token_ids", DType::i32, {num_seqs});
   check_out(out_token_logprob, "out_token_logprob", DType::f32, {num_seqs});
   check_out(out_topk_ids, "out_topk_ids", DType::i32, {num_seqs, k});
-  check_rows(out_topk_ids, kOp, "out_topk_ids");
+  check_nonempty_row_contiguous(out_topk_ids, kOp, "out_topk_ids");
   check_out(out_topk_logprobs, "out_topk_logprobs", DType::f32, {num_seqs, k});
-  check_rows(out_topk_logprobs, kOp, "out_topk_logprobs");
+  check_nonempty_row_contiguous(out_topk_logprobs, kOp, "out_topk_logprobs");
   ENGINE_CHECK(num_seqs <= INT_MAX, kOp, "logits must have at most 2^31 - 1 rows");
   if (num_seqs == 0) return;
 

@@ -200,41 +200,6 @@ namespace {
 
 constexpr const char* kOp = "matmul";
 
-void validate(const TensorView& x, const TensorView& w, const TensorView& bias,
-              const TensorView& out) {
-  ENGINE_CHECK(x.dtype == DType::f32 && x.ndim == 2, kOp,
-               "x must be float32 [num_tokens, in_features], got " + x.describe());
-  engine::check_row_contiguous(x, kOp, "x");
-  const int64_t num_tokens = x.shape[0], in_features = x.shape[1];
-  const std::string k_str = std::to_string(in_features);
-
-  const bool w_dtype_ok = w.dtype == DType::f32 || w.dtype == DType::f16 || w.dtype == DType::bf16;
-  ENGINE_CHECK(w_dtype_ok && w.ndim == 2 && w.shape[1] == in_features, kOp,
-               "w must be float32 or float16 or bfloat16 [out_features, " + k_str + "], got " +
-                   w.describe());
-  if (w.numel() > 0) engine::check_contiguous(w, kOp, "w");
-  const int64_t out_features = w.shape[0];
-  const std::string n_str = std::to_string(out_features);
-
-  if (engine::present(bias)) {
-    ENGINE_CHECK(bias.dtype == DType::f32 && bias.ndim == 1 && bias.shape[0] == out_features, kOp,
-                 "bias must be float32 [" + n_str + "], got " + bias.describe());
-    engine::check_contiguous(bias, kOp, "bias");
-  }
-
-  ENGINE_CHECK(out.dtype == DType::f32 && out.ndim == 2 && out.shape[0] == num_tokens &&
-                   out.shape[1] == out_features,
-               kOp,
-               "out must be float32 [" + std::to_string(num_tokens) + ", " + n_str + "], got " +
-                   out.describe());
-  engine::check_row_contiguous(out, kOp, "out");
-  ENGINE_CHECK(num_tokens <= 1 || out_features == 0 || out.strides[0] >= out_features, kOp,
-               "out rows overlap: row stride " + std::to_string(out.strides[0]) + " < " + n_str);
-  ENGINE_CHECK(!overlaps(out, x), kOp, "out must not overlap x");
-  ENGINE_CHECK(!overlaps(out, w), kOp, "out must not overlap w");
-  ENGINE_CHECK(!engine::present(bias) || !overlaps(out, bias), kOp, "out must not overlap bias");
-}
-
 bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 // ENGINE_CUDA_MATMUL_SKINNY=0 sends decode batches to the mma kernel instead of the skinny
@@ -287,7 +252,7 @@ void* scratch(Path path, int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
 
 void matmul(const TensorView& x, const TensorView& w, const TensorView& bias,
             const TensorView& out, cudaStream_t stream) {
-  validate(x, w, bias, out);
+  engine::check_float_linear(x, w, bias, out, kOp);
   using namespace matmul_detail;
   MatmulArgs a;
   a.x = x.ptr<const float>();

@@ -67,7 +67,7 @@ void check_common(const char* op, const TensorView& x, const TensorView& weight,
   using namespace engine;
   check_dtype(x, op, "x", {DType::f32});
   check_ndim(x, op, "x", 2);
-  check_rows(x, op, "x");
+  check_nonempty_row_contiguous(x, op, "x");
   check_dtype(weight, op, "weight", {DType::f32, DType::f16, DType::bf16});
   check_shape(weight, op, "weight", {x.size(1)});
   ENGINE_CHECK(weight.numel() <= 1 || weight.stride(0) == 1, op, "weight must be contiguous");
@@ -82,7 +82,7 @@ void rms_norm(const TensorView& x, const TensorView& weight, double eps, const T
   check_common(op, x, weight, eps);
   engine::check_dtype(out, op, "out", {DType::f32});
   engine::check_shape(out, op, "out", {x.size(0), x.size(1)});
-  check_rows(out, op, "out");
+  check_nonempty_row_contiguous(out, op, "out");
   run(op, x, nullptr, weight, eps, out, stream);
 }
 
@@ -92,7 +92,7 @@ void fused_add_rms_norm(const TensorView& x, const TensorView& residual,
   check_common(op, x, weight, eps);
   engine::check_dtype(residual, op, "residual", {DType::f32});
   engine::check_shape(residual, op, "residual", {x.size(0), x.size(1)});
-  check_rows(residual, op, "residual");
+  check_nonempty_row_contiguous(residual, op, "residual");
   run(op, x, &residual, weight, eps, x, stream);
 }
 

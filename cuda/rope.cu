@@ -36,31 +36,10 @@ __global__ void rope_kernel(const int32_t* __restrict__ positions, int64_t pos_s
   }
 }
 
-Heads check_heads(const TensorView& t, const char* arg, int64_t num_tokens, int64_t head_dim) {
-  using namespace engine;
-  const char* op = "rope";
-  check_dtype(t, op, arg, {DType::f32});
-  ENGINE_CHECK(t.ndim == 2 || t.ndim == 3, op,
-               std::string(arg) + " must have 2 dims [num_tokens, num_heads * head_dim], got " +
-                   t.describe());
-  ENGINE_CHECK(t.size(0) == num_tokens, op,
-               std::string(arg) + " must have " + std::to_string(num_tokens) +
-                   " rows (one per position), got " + t.describe());
-  check_rows(t, op, arg);
-  Heads h{t.ptr<float>(), 0, t.stride(0), head_dim};
-  if (t.ndim == 2) {
-    ENGINE_CHECK(t.size(1) % head_dim == 0, op,
-                 std::string(arg) + " must have a multiple of head_dim " +
-                     std::to_string(head_dim) + " columns, got " + t.describe());
-    h.num_heads = t.size(1) / head_dim;
-  } else {
-    ENGINE_CHECK(t.size(2) == head_dim, op,
-                 std::string(arg) + " must have shape [*, *, " + std::to_string(head_dim) +
-                     "], got " + t.describe());
-    h.num_heads = t.size(1);
-    h.head_stride = t.stride(1);
-  }
-  return h;
+// The layout engine::check_rope_heads checks, with the data pointer.
+Heads heads_of(const TensorView& t, const char* arg, int64_t num_tokens, int64_t head_dim) {
+  const engine::RopeHeads h = engine::check_rope_heads(t, arg, num_tokens, head_dim);
+  return {t.ptr<float>(), h.num_heads, h.token_stride, h.head_stride};
 }
 
 }  // namespace
@@ -74,14 +53,14 @@ void rope(const TensorView& positions, const TensorView& q, const TensorView& k,
   ENGINE_CHECK(head_dim > 0, op, "head_dim must be > 0, got " + std::to_string(head_dim));
   check_dtype(cos_sin_cache, op, "cos_sin_cache", {DType::f32});
   check_ndim(cos_sin_cache, op, "cos_sin_cache", 2);
-  check_rows(cos_sin_cache, op, "cos_sin_cache");
+  check_nonempty_row_contiguous(cos_sin_cache, op, "cos_sin_cache");
   const int64_t max_position = cos_sin_cache.size(0), rotary_dim = cos_sin_cache.size(1);
   ENGINE_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, op,
                "cos_sin_cache must have an even number of columns (rotary_dim) in [2, head_dim " +
                    std::to_string(head_dim) + "], got " + cos_sin_cache.describe());
   const int64_t num_tokens = positions.size(0);
-  const Heads qh = check_heads(q, "q", num_tokens, head_dim);
-  const Heads kh = check_heads(k, "k", num_tokens, head_dim);
+  const Heads qh = heads_of(q, "q", num_tokens, head_dim);
+  const Heads kh = heads_of(k, "k", num_tokens, head_dim);
   if (num_tokens == 0) return;
   const int64_t half = rotary_dim / 2;
   const int threads = row_threads((qh.num_heads + kh.num_heads) * half, 512);

@@ -210,7 +210,7 @@ void sample(const TensorView& logits, const TensorView& temperature, const Tenso
   const char* op = "sample";
   engine::check_dtype(logits, op, "logits", {DType::f32});
   engine::check_ndim(logits, op, "logits", 2);
-  check_rows(logits, op, "logits");
+  check_nonempty_row_contiguous(logits, op, "logits");
   const int64_t num_seqs = logits.size(0), vocab = logits.size(1);
   ENGINE_CHECK(
       vocab > 0 && vocab <= INT_MAX, op,

@@ -16,12 +16,6 @@ void silu_and_mul_row_avx512(const float* gate, const float* up, float* out, int
 
 namespace {
 
-// An empty array has no rows to lay out, whatever strides numpy gave it.
-inline void check_nonempty_row_contiguous(const TensorView& t, const char* op, const char* arg) {
-  if (t.numel() > 0) check_row_contiguous(t, op, arg);
-}
-
-
 // One row. gate, up, out [d]. silu(a) = a / (1 + exp(-a)); exp overflows to inf
 // for a < -88, which gives -0, the float32 rounding of the true value.
 static inline __attribute__((always_inline)) void silu_and_mul_row_body(

@@ -27,10 +27,6 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // Validation
 // ============================================================================
 
-void check_nonempty_row_contiguous(const TensorView& t, const char* arg) {
-  if (t.numel() > 0) check_row_contiguous(t, kOp, arg);
-}
-
 // Why row cannot be normalised, or "" if it can.
 std::string row_problem(const float* row, int64_t vocab) {
   bool any_finite = false;
@@ -95,7 +91,7 @@ void log_softmax_topk(const TensorView& logits, const TensorView& token_ids, int
                       const TensorView& out_topk_logprobs) {
   check_dtype(logits, kOp, "logits", {DType::f32});
   check_ndim(logits, kOp, "logits", 2);
-  check_nonempty_row_contiguous(logits, "logits");
+  check_nonempty_row_contiguous(logits, kOp, "logits");
   const int64_t num_seqs = logits.size(0), vocab = logits.size(1);
   ENGINE_CHECK(
       vocab > 0 && vocab <= std::numeric_limits<int32_t>::max(), kOp,
@@ -109,10 +105,10 @@ void log_softmax_topk(const TensorView& logits, const TensorView& token_ids, int
   check_shape(out_token_logprob, kOp, "out_token_logprob", {num_seqs});
   check_dtype(out_topk_ids, kOp, "out_topk_ids", {DType::i32});
   check_shape(out_topk_ids, kOp, "out_topk_ids", {num_seqs, k});
-  check_nonempty_row_contiguous(out_topk_ids, "out_topk_ids");
+  check_nonempty_row_contiguous(out_topk_ids, kOp, "out_topk_ids");
   check_dtype(out_topk_logprobs, kOp, "out_topk_logprobs", {DType::f32});
   check_shape(out_topk_logprobs, kOp, "out_topk_logprobs", {num_seqs, k});
-  check_nonempty_row_contiguous(out_topk_logprobs, "out_topk_logprobs");
+  check_nonempty_row_contiguous(out_topk_logprobs, kOp, "out_topk_logprobs");
 
   const float* lp = logits.ptr<float>();
   const int32_t* tok = token_ids.ptr<int32_t>();

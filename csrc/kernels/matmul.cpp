@@ -70,41 +70,6 @@ namespace {
 
 constexpr const char* kOp = "matmul";
 
-void validate(const TensorView& x, const TensorView& w, const TensorView& bias,
-              const TensorView& out) {
-  ENGINE_CHECK(x.dtype == DType::f32 && x.ndim == 2, kOp,
-               "x must be float32 [num_tokens, in_features], got " + x.describe());
-  check_row_contiguous(x, kOp, "x");
-  const int64_t num_tokens = x.shape[0], in_features = x.shape[1];
-
-  const bool w_dtype_ok = w.dtype == DType::f32 || w.dtype == DType::f16 || w.dtype == DType::bf16;
-  ENGINE_CHECK(w_dtype_ok && w.ndim == 2 && w.shape[1] == in_features, kOp,
-               "w must be float32 or float16 or bfloat16 [out_features, " +
-                   std::to_string(in_features) + "], got " + w.describe());
-  if (w.numel() > 0) check_contiguous(w, kOp, "w");  // is_contiguous() rejects some empty views
-  const int64_t out_features = w.shape[0];
-
-  if (present(bias)) {
-    ENGINE_CHECK(
-        bias.dtype == DType::f32 && bias.ndim == 1 && bias.shape[0] == out_features, kOp,
-        "bias must be float32 [" + std::to_string(out_features) + "], got " + bias.describe());
-    check_contiguous(bias, kOp, "bias");
-  }
-
-  ENGINE_CHECK(out.dtype == DType::f32 && out.ndim == 2 && out.shape[0] == num_tokens &&
-                   out.shape[1] == out_features,
-               kOp,
-               "out must be float32 [" + std::to_string(num_tokens) + ", " +
-                   std::to_string(out_features) + "], got " + out.describe());
-  check_row_contiguous(out, kOp, "out");
-  ENGINE_CHECK(num_tokens <= 1 || out_features == 0 || out.strides[0] >= out_features, kOp,
-               "out rows overlap: row stride " + std::to_string(out.strides[0]) + " < " +
-                   std::to_string(out_features));
-  ENGINE_CHECK(!overlaps(out, x), kOp, "out must not overlap x");
-  ENGINE_CHECK(!overlaps(out, w), kOp, "out must not overlap w");
-  ENGINE_CHECK(!present(bias) || !overlaps(out, bias), kOp, "out must not overlap bias");
-}
-
 // in_features == 0: the empty sum, so out = bias (or 0).
 void fill_bias(const TensorView& bias, const TensorView& out) {
   for (int64_t t = 0; t < out.shape[0]; ++t) {
@@ -117,7 +82,7 @@ void fill_bias(const TensorView& bias, const TensorView& out) {
 
 void matmul(const TensorView& x, const TensorView& w, const TensorView& bias,
             const TensorView& out) {
-  validate(x, w, bias, out);
+  check_float_linear(x, w, bias, out, kOp);
   matmul_detail::MatmulArgs a;
   a.x = x.ptr<const float>();
   a.x_row_stride = x.strides[0];

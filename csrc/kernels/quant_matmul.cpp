@@ -185,10 +185,8 @@ bool has_vnni() {
 
 void validate(const TensorView& x, const TensorView& w, QuantFormat format,
               const TensorView& bias, const TensorView& out) {
-  ENGINE_CHECK(x.dtype == DType::f32 && x.ndim == 2, kOp,
-               "x must be float32 [num_tokens, in_features], got " + x.describe());
-  check_row_contiguous(x, kOp, "x");
-  const int64_t num_tokens = x.shape[0], in_features = x.shape[1];
+  check_linear_x(x, kOp);
+  const int64_t in_features = x.shape[1];
   const int64_t block_values = quant_block_values(format);
   ENGINE_CHECK(in_features > 0 && in_features % block_values == 0, kOp,
                "x: in_features must be a positive multiple of " + std::to_string(block_values) +
@@ -200,25 +198,7 @@ void validate(const TensorView& x, const TensorView& w, QuantFormat format,
                    std::to_string(in_features) + " values in " +
                    std::string(quant_format_name(format)) + " blocks), got " + w.describe());
   if (w.numel() > 0) check_contiguous(w, kOp, "w");
-  const int64_t out_features = w.shape[0];
-  if (present(bias)) {
-    ENGINE_CHECK(
-        bias.dtype == DType::f32 && bias.ndim == 1 && bias.shape[0] == out_features, kOp,
-        "bias must be float32 [" + std::to_string(out_features) + "], got " + bias.describe());
-    check_contiguous(bias, kOp, "bias");
-  }
-  ENGINE_CHECK(out.dtype == DType::f32 && out.ndim == 2 && out.shape[0] == num_tokens &&
-                   out.shape[1] == out_features,
-               kOp,
-               "out must be float32 [" + std::to_string(num_tokens) + ", " +
-                   std::to_string(out_features) + "], got " + out.describe());
-  check_row_contiguous(out, kOp, "out");
-  ENGINE_CHECK(num_tokens <= 1 || out_features == 0 || out.strides[0] >= out_features, kOp,
-               "out rows overlap: row stride " + std::to_string(out.strides[0]) + " < " +
-                   std::to_string(out_features));
-  ENGINE_CHECK(!overlaps(out, x), kOp, "out must not overlap x");
-  ENGINE_CHECK(!overlaps(out, w), kOp, "out must not overlap w");
-  ENGINE_CHECK(!present(bias) || !overlaps(out, bias), kOp, "out must not overlap bias");
+  check_linear_bias_out(x, w, bias, out, w.shape[0], kOp);
 }
 
 // Grow-only scratch for the quantised activations of the calling thread.

@@ -10,12 +10,6 @@
 namespace engine {
 namespace {
 
-// An empty array has no rows to lay out, whatever strides numpy gave it.
-inline void check_nonempty_row_contiguous(const TensorView& t, const char* op, const char* arg) {
-  if (t.numel() > 0) check_row_contiguous(t, op, arg);
-}
-
-
 // ============================================================================
 // Head kernel, compiled once per instruction set
 // ============================================================================
@@ -71,41 +65,6 @@ RopeHeadsFn pick_rope_heads() {
 // Validation
 // ============================================================================
 
-// Heads of q or k: [num_tokens, num_heads * head_dim] (or [num_tokens, num_heads,
-// head_dim]); the token stride (and head stride) are free, the last dim contiguous.
-struct HeadLayout {
-  int64_t num_heads = 0, token_stride = 0, head_stride = 0;
-};
-
-HeadLayout check_heads(const TensorView& t, const char* arg, int64_t num_tokens,
-                       int64_t head_dim) {
-  const char* op = "rope";
-  check_dtype(t, op, arg, {DType::f32});
-  ENGINE_CHECK(t.ndim == 2 || t.ndim == 3, op,
-               std::string(arg) + " must have 2 dims [num_tokens, num_heads * head_dim], got " +
-                   t.describe());
-  ENGINE_CHECK(t.size(0) == num_tokens, op,
-               std::string(arg) + " must have " + std::to_string(num_tokens) +
-                   " rows (one per position), got " + t.describe());
-  check_nonempty_row_contiguous(t, op, arg);
-  HeadLayout l;
-  l.token_stride = t.stride(0);
-  if (t.ndim == 2) {
-    ENGINE_CHECK(t.size(1) % head_dim == 0, op,
-                 std::string(arg) + " must have a multiple of head_dim " +
-                     std::to_string(head_dim) + " columns, got " + t.describe());
-    l.num_heads = t.size(1) / head_dim;
-    l.head_stride = head_dim;
-  } else {
-    ENGINE_CHECK(t.size(2) == head_dim, op,
-                 std::string(arg) + " must have shape [*, *, " + std::to_string(head_dim) +
-                     "], got " + t.describe());
-    l.num_heads = t.size(1);
-    l.head_stride = t.stride(1);
-  }
-  return l;
-}
-
 }  // namespace
 
 // ============================================================================
@@ -126,8 +85,8 @@ void rope(const TensorView& positions, const TensorView& q, const TensorView& k,
                "cos_sin_cache must have an even number of columns (rotary_dim) in [2, head_dim " +
                    std::to_string(head_dim) + "], got " + cos_sin_cache.describe());
   const int64_t num_tokens = positions.size(0);
-  const HeadLayout ql = check_heads(q, "q", num_tokens, head_dim);
-  const HeadLayout kl = check_heads(k, "k", num_tokens, head_dim);
+  const RopeHeads ql = check_rope_heads(q, "q", num_tokens, head_dim);
+  const RopeHeads kl = check_rope_heads(k, "k", num_tokens, head_dim);
 
   // Every position is checked before anything is written.
   const int32_t* pos = positions.ptr<int32_t>();

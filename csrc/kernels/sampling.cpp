@@ -22,12 +22,6 @@
 namespace engine {
 namespace {
 
-// An empty array has no rows to lay out, whatever strides numpy gave it.
-inline void check_nonempty_row_contiguous(const TensorView& t, const char* op, const char* arg) {
-  if (t.numel() > 0) check_row_contiguous(t, op, arg);
-}
-
-
 // ============================================================================
 // Generator
 // ============================================================================

@@ -77,6 +77,11 @@ inline void check_row_contiguous(const TensorView& t, const char* op, const char
                std::string(arg) + " must have a contiguous last dimension (stride 1)");
 }
 
+// An empty array has no rows to lay out, whatever strides numpy gave it.
+inline void check_nonempty_row_contiguous(const TensorView& t, const char* op, const char* arg) {
+  if (t.numel() > 0) check_row_contiguous(t, op, arg);
+}
+
 // Whether two views can touch a common byte: their spans [first byte, last byte + 1)
 // intersect (non-negative strides). An empty view overlaps nothing.
 inline bool overlaps(const TensorView& a, const TensorView& b) {
@@ -87,6 +92,89 @@ inline bool overlaps(const TensorView& a, const TensorView& b) {
     return static_cast<const char*>(t.data) + (last + 1) * dtype_size(t.dtype);
   };
   return static_cast<const char*>(a.data) < end(b) && static_cast<const char*>(b.data) < end(a);
+}
+
+// The checks every linear op shares (matmul, quant_matmul, the CUDA matmul), after its own
+// checks of w: x float32 [num_tokens, in_features] with contiguous rows.
+inline void check_linear_x(const TensorView& x, const char* op) {
+  ENGINE_CHECK(x.dtype == DType::f32 && x.ndim == 2, op,
+               "x must be float32 [num_tokens, in_features], got " + x.describe());
+  check_row_contiguous(x, op, "x");
+}
+
+// bias absent or float32 [out_features], contiguous; out float32 [num_tokens, out_features]
+// with contiguous rows that overlap neither each other nor x, w or bias.
+inline void check_linear_bias_out(const TensorView& x, const TensorView& w,
+                                  const TensorView& bias, const TensorView& out,
+                                  int64_t out_features, const char* op) {
+  const int64_t num_tokens = x.shape[0];
+  if (present(bias)) {
+    ENGINE_CHECK(
+        bias.dtype == DType::f32 && bias.ndim == 1 && bias.shape[0] == out_features, op,
+        "bias must be float32 [" + std::to_string(out_features) + "], got " + bias.describe());
+    check_contiguous(bias, op, "bias");
+  }
+  ENGINE_CHECK(out.dtype == DType::f32 && out.ndim == 2 && out.shape[0] == num_tokens &&
+                   out.shape[1] == out_features,
+               op,
+               "out must be float32 [" + std::to_string(num_tokens) + ", " +
+                   std::to_string(out_features) + "], got " + out.describe());
+  check_row_contiguous(out, op, "out");
+  ENGINE_CHECK(num_tokens <= 1 || out_features == 0 || out.strides[0] >= out_features, op,
+               "out rows overlap: row stride " + std::to_string(out.strides[0]) + " < " +
+                   std::to_string(out_features));
+  ENGINE_CHECK(!overlaps(out, x), op, "out must not overlap x");
+  ENGINE_CHECK(!overlaps(out, w), op, "out must not overlap w");
+  ENGINE_CHECK(!present(bias) || !overlaps(out, bias), op, "out must not overlap bias");
+}
+
+// All of matmul's checks (CPU and CUDA): w float32, float16 or bfloat16
+// [out_features, in_features], contiguous, with check_linear_x and check_linear_bias_out.
+inline void check_float_linear(const TensorView& x, const TensorView& w, const TensorView& bias,
+                               const TensorView& out, const char* op) {
+  check_linear_x(x, op);
+  const int64_t in_features = x.shape[1];
+  const bool w_dtype_ok = w.dtype == DType::f32 || w.dtype == DType::f16 || w.dtype == DType::bf16;
+  ENGINE_CHECK(w_dtype_ok && w.ndim == 2 && w.shape[1] == in_features, op,
+               "w must be float32 or float16 or bfloat16 [out_features, " +
+                   std::to_string(in_features) + "], got " + w.describe());
+  if (w.numel() > 0) check_contiguous(w, op, "w");  // is_contiguous() rejects some empty views
+  check_linear_bias_out(x, w, bias, out, w.shape[0], op);
+}
+
+// q or k of rope (CPU and CUDA): float32 [num_tokens, num_heads * head_dim] or [num_tokens,
+// num_heads, head_dim]; the token stride (and head stride) are free, the last dim contiguous.
+struct RopeHeads {
+  int64_t num_heads = 0, token_stride = 0, head_stride = 0;
+};
+
+inline RopeHeads check_rope_heads(const TensorView& t, const char* arg, int64_t num_tokens,
+                                  int64_t head_dim) {
+  const char* op = "rope";
+  check_dtype(t, op, arg, {DType::f32});
+  ENGINE_CHECK(t.ndim == 2 || t.ndim == 3, op,
+               std::string(arg) + " must have 2 dims [num_tokens, num_heads * head_dim], got " +
+                   t.describe());
+  ENGINE_CHECK(t.size(0) == num_tokens, op,
+               std::string(arg) + " must have " + std::to_string(num_tokens) +
+                   " rows (one per position), got " + t.describe());
+  check_nonempty_row_contiguous(t, op, arg);
+  RopeHeads h;
+  h.token_stride = t.stride(0);
+  if (t.ndim == 2) {
+    ENGINE_CHECK(t.size(1) % head_dim == 0, op,
+                 std::string(arg) + " must have a multiple of head_dim " +
+                     std::to_string(head_dim) + " columns, got " + t.describe());
+    h.num_heads = t.size(1) / head_dim;
+    h.head_stride = head_dim;
+  } else {
+    ENGINE_CHECK(t.size(2) == head_dim, op,
+                 std::string(arg) + " must have shape [*, *, " + std::to_string(head_dim) +
+                     "], got " + t.describe());
+    h.num_heads = t.size(1);
+    h.head_stride = t.stride(1);
+  }
+  return h;
 }
 
 }  // namespace engine
