@@ -65,15 +65,66 @@ struct GroupTable {
   TableView lane(int r) { return {&scale[0][r], &min[0][r], &sc6[0][0][r], kRows}; }
 };
 
-// The tables of blocks [b0, b0 + nb) for the group's rows: for the 32-value formats the 4
-// rows' f16 heads of a block packed into one vector and converted (the same f32 values
-// row_table gives; 4 scalar loads a block cost less than a 16-lane gather and a transpose
-// per row: q4_0 2048 x 2048 on one core 141 -> 113 us), row_table for the k-quants.
+// The token, quantised: codes, and per block d and s = d * sum(codes).
+struct Token {
+  const int8_t* q;
+  const float* d;
+  const float* s;
+};
+
+// Blocks whose f16 heads one word permute gathers from a row: their heads lie within 64
+// words of the first (q4_0: 8 blocks of 9 words; q8_0: 4 of 17; q4_1: 4 of 10, d and m).
+template <QuantFormat F>
+constexpr int kHeadBlocks = F == QuantFormat::q4_0 ? 8 : 4;
+
+// Words 0..7 of the result: the heads of kHeadBlocks blocks from p (a block start) on. q4_0:
+// d0..d7; q8_0: d0..d3; q4_1: d0..d3 then m0..m3. Reads 128 bytes (64 for q4_1): inside
+// the kHeadBlocks blocks (144, 136 and 80 bytes).
+template <QuantFormat F>
+inline __m128i head_words(const uint8_t* p) {
+  constexpr int words = static_cast<int>(block_bytes<F>()) / 2, g = kHeadBlocks<F>;
+  auto at = [](int j) {
+    return static_cast<short>(j < g ? j * words : has_min<F>() ? (j - g) * words + 1 : 0);
+  };
+  const __m512i idx =
+      _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                       at(7), at(6), at(5), at(4), at(3), at(2), at(1), at(0));
+  __m512i v;
+  if constexpr (F == QuantFormat::q4_1)
+    v = _mm512_permutexvar_epi16(idx, _mm512_loadu_si512(p));
+  else
+    v = _mm512_permutex2var_epi16(_mm512_loadu_si512(p), idx, _mm512_loadu_si512(p + 64));
+  return _mm512_castsi512_si128(v);
+}
+
+// 2 blocks x 4 rows of f16 heads -> the table's f32 entries [block][row].
+inline void store_heads(float* dst, __m128i h) { _mm256_storeu_ps(dst, _mm256_cvtph_ps(h)); }
+
+// The tables of blocks [b0, b0 + nb) for the group's rows. The 32-value formats take each
+// row's heads with one permute per kHeadBlocks blocks, interleave the 4 rows and convert
+// (the same f32 values row_table gives, in a tenth of the instructions of 4 scalar loads
+// a block); the k-quants take row_table.
 template <QuantFormat F>
 void group_table(const uint8_t* const (&rows)[kRows], int64_t b0, int nb, GroupTable& t) {
   if constexpr (F == QuantFormat::q8_0 || F == QuantFormat::q4_0 || F == QuantFormat::q4_1) {
-    constexpr int bytes = F == QuantFormat::q8_0 ? 34 : F == QuantFormat::q4_0 ? 18 : 20;
-    for (int i = 0; i < nb; ++i) {  // the 4 rows' f16 d (and m) of block i, as one vector
+    constexpr int bytes = static_cast<int>(block_bytes<F>()), g = kHeadBlocks<F>;
+    int i = 0;
+    for (; i + g <= nb; i += g) {
+      __m128i h[kRows];
+      for (int r = 0; r < kRows; ++r) h[r] = head_words<F>(rows[r] + (b0 + i) * bytes);
+      // words: rows 0..3 of block j, block j + 1, ...
+      const __m128i lo01 = _mm_unpacklo_epi16(h[0], h[1]), lo23 = _mm_unpacklo_epi16(h[2], h[3]);
+      store_heads(t.scale[i], _mm_unpacklo_epi32(lo01, lo23));
+      store_heads(t.scale[i + 2], _mm_unpackhi_epi32(lo01, lo23));
+      if constexpr (g == 8 || has_min<F>()) {
+        const __m128i hi01 = _mm_unpackhi_epi16(h[0], h[1]);
+        const __m128i hi23 = _mm_unpackhi_epi16(h[2], h[3]);
+        float* dst = g == 8 ? t.scale[i + 4] : t.min[i];
+        store_heads(dst, _mm_unpacklo_epi32(hi01, hi23));
+        store_heads(dst + 2 * kRows, _mm_unpackhi_epi32(hi01, hi23));
+      }
+    }
+    for (; i < nb; ++i) {  // the 4 rows' f16 d (and m) of block i, as one vector
       uint64_t d = 0, m = 0;
       for (int r = 0; r < kRows; ++r) {
         const uint8_t* head = rows[r] + (b0 + i) * bytes;
@@ -134,11 +185,10 @@ inline __m128 block_fma(__m128 acc, __m128i dot, const GroupTable& t, int i, flo
 // Blocks b0 + i, b0 + i + 1 (kHalf: b0 + i only) of the group against the token.
 template <QuantFormat F, bool kHalf>
 inline __m128 step(const uint8_t* const (&rows)[kRows], const GroupTable& t, int64_t b0, int i,
-                   const int8_t* xq, const float* xd, const float* xs, int64_t prefetch,
-                   __m128 acc) {
+                   const Token& x, int64_t prefetch, __m128 acc) {
   const int64_t b = b0 + i;
-  const __m512i xv = kHalf ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, xq + 32 * b)
-                           : _mm512_loadu_si512(xq + 32 * b);
+  const __m512i xv = kHalf ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, x.q + 32 * b)
+                           : _mm512_loadu_si512(x.q + 32 * b);
   constexpr int o = offset_of<F>();
   __m512i seed = _mm512_setzero_si512();
   if constexpr (o != 0)
@@ -158,8 +208,8 @@ inline __m128 step(const uint8_t* const (&rows)[kRows], const GroupTable& t, int
   }
   __m128i ia, ib;
   block_dots<F>(dot, t, i, ia, ib);
-  acc = block_fma<F>(acc, ia, t, i, xd[b], xs[b]);
-  if (!kHalf) acc = block_fma<F>(acc, ib, t, i + 1, xd[b + 1], xs[b + 1]);
+  acc = block_fma<F>(acc, ia, t, i, x.d[b], x.s[b]);
+  if (!kHalf) acc = block_fma<F>(acc, ib, t, i + 1, x.d[b + 1], x.s[b + 1]);
   return acc;
 }
 
@@ -168,13 +218,12 @@ inline __m128 step(const uint8_t* const (&rows)[kRows], const GroupTable& t, int
 // ([A 0..15, B 0..15, A 16..31, B 16..31] per pair, see nibble_order): lanes 0-3 of the dot
 // then hold block A alone, lanes 4-7 block B. Half the vector work of unpacking to 64 codes.
 template <QuantFormat F, bool kHalf>
-inline __m128 step_q4(const uint8_t* const (&rows)[kRows], const GroupTable& t, int64_t b0,
-                      int i, const int8_t* xq, const float* xd, const float* xs,
-                      int64_t prefetch, __m128 acc) {
+inline __m128 step_q4(const uint8_t* const (&rows)[kRows], const GroupTable& t, int64_t b0, int i,
+                      const Token& x, int64_t prefetch, __m128 acc) {
   constexpr int bytes = F == QuantFormat::q4_0 ? 18 : 20, skip = bytes - 16;
   const int64_t b = b0 + i;
-  const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * b));
-  const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * b + 32));
+  const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b));
+  const __m256i xhi = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b + 32));
   __m256i seed = _mm256_setzero_si256();
   if constexpr (F == QuantFormat::q4_0) {
     const __m256i eight = _mm256_set1_epi8(8);
@@ -199,8 +248,9 @@ inline __m128 step_q4(const uint8_t* const (&rows)[kRows], const GroupTable& t, 
                                        _mm256_unpackhi_epi32(dot[2], dot[3]));
   const __m256i w = _mm256_add_epi32(_mm256_unpacklo_epi64(u01, u23),
                                      _mm256_unpackhi_epi64(u01, u23));
-  acc = block_fma<F>(acc, _mm256_castsi256_si128(w), t, i, xd[b], xs[b]);
-  if (!kHalf) acc = block_fma<F>(acc, _mm256_extracti128_si256(w, 1), t, i + 1, xd[b + 1], xs[b + 1]);
+  acc = block_fma<F>(acc, _mm256_castsi256_si128(w), t, i, x.d[b], x.s[b]);
+  if (!kHalf)
+    acc = block_fma<F>(acc, _mm256_extracti128_si256(w, 1), t, i + 1, x.d[b + 1], x.s[b + 1]);
   return acc;
 }
 
@@ -208,8 +258,7 @@ constexpr bool nibble_order(QuantFormat f) { return f == QuantFormat::q4_0 || f 
 
 // Rows [n0, n0 + num_rows), num_rows <= 4 (missing rows repeat the first, unstored).
 template <QuantFormat F>
-void row_group(const QuantArgs& a, const int8_t* xq, const float* xd, const float* xs,
-               int64_t n0, int num_rows) {
+void row_group(const QuantArgs& a, const Token& x, int64_t n0, int num_rows) {
   const int64_t nb = a.in_features / 32;
   const uint8_t* rows[kRows];
   for (int r = 0; r < kRows; ++r) rows[r] = a.w + (n0 + (r < num_rows ? r : 0)) * a.w_row_bytes;
@@ -223,11 +272,11 @@ void row_group(const QuantArgs& a, const int8_t* xq, const float* xd, const floa
     __m128 acc = _mm_setzero_ps();
     int i = 0;
     if constexpr (nibble_order(F)) {
-      for (; i + 1 < n; i += 2) acc = step_q4<F, false>(rows, t, b0, i, xq, xd, xs, prefetch, acc);
-      if (i < n) acc = step_q4<F, true>(rows, t, b0, i, xq, xd, xs, prefetch, acc);
+      for (; i + 1 < n; i += 2) acc = step_q4<F, false>(rows, t, b0, i, x, prefetch, acc);
+      if (i < n) acc = step_q4<F, true>(rows, t, b0, i, x, prefetch, acc);
     } else {
-      for (; i + 1 < n; i += 2) acc = step<F, false>(rows, t, b0, i, xq, xd, xs, prefetch, acc);
-      if (i < n) acc = step<F, true>(rows, t, b0, i, xq, xd, xs, prefetch, acc);
+      for (; i + 1 < n; i += 2) acc = step<F, false>(rows, t, b0, i, x, prefetch, acc);
+      if (i < n) acc = step<F, true>(rows, t, b0, i, x, prefetch, acc);
     }
     alignas(16) float v[kRows];
     _mm_store_ps(v, acc);
@@ -239,7 +288,7 @@ void row_group(const QuantArgs& a, const int8_t* xq, const float* xd, const floa
 }
 
 template <QuantFormat F>
-void run(const QuantArgs& a, const int8_t* xq, const float* xd, const float* xs) {
+void run(const QuantArgs& a, const Token& x) {
   const int64_t num_threads = std::max(1, omp_get_max_threads());
   const int64_t part_rows = ceil_div(ceil_div(a.out_features, num_threads), kRows) * kRows;
   const int64_t num_parts = ceil_div(a.out_features, part_rows);
@@ -249,7 +298,7 @@ void run(const QuantArgs& a, const int8_t* xq, const float* xd, const float* xs)
     const int64_t n1 = std::min(a.out_features, (p + 1) * part_rows);
     int64_t n = p * part_rows;
     for (; n < n1; n += kRows)
-      row_group<F>(a, xq, xd, xs, n, static_cast<int>(std::min<int64_t>(kRows, n1 - n)));
+      row_group<F>(a, x, n, static_cast<int>(std::min<int64_t>(kRows, n1 - n)));
   }
 }
 
@@ -279,12 +328,13 @@ void quant_gemv_avx512_vnni(const QuantArgs& a) {
     xd[b] = qb.d;
     xs[b] = qb.s;
   }
+  const Token x{codes.data(), xd, xs};
   switch (a.format) {
-    case QuantFormat::q8_0: return run<QuantFormat::q8_0>(a, codes.data(), xd, xs);
-    case QuantFormat::q4_0: return run<QuantFormat::q4_0>(a, codes.data(), xd, xs);
-    case QuantFormat::q4_1: return run<QuantFormat::q4_1>(a, codes.data(), xd, xs);
-    case QuantFormat::q4_k: return run<QuantFormat::q4_k>(a, codes.data(), xd, xs);
-    case QuantFormat::q6_k: return run<QuantFormat::q6_k>(a, codes.data(), xd, xs);
+    case QuantFormat::q8_0: return run<QuantFormat::q8_0>(a, x);
+    case QuantFormat::q4_0: return run<QuantFormat::q4_0>(a, x);
+    case QuantFormat::q4_1: return run<QuantFormat::q4_1>(a, x);
+    case QuantFormat::q4_k: return run<QuantFormat::q4_k>(a, x);
+    case QuantFormat::q6_k: return run<QuantFormat::q6_k>(a, x);
   }
 }
 
