@@ -78,6 +78,19 @@ PYBIND11_MODULE(_C, m) {
       py::arg("out").noconvert());
 
   m.def(
+      "matmul_packed",
+      [](py::array x, py::array w, int64_t out_features, std::optional<py::array> bias,
+         py::array out) {
+        const char* op = "matmul_packed";
+        auto xv = view_of(x, op, "x"), wv = view_of(w, op, "w");
+        auto bv = optional_view(bias, op, "bias"), ov = view_of(out, op, "out", true);
+        py::gil_scoped_release nogil;
+        engine::matmul_packed(xv, wv, out_features, bv, ov);
+      },
+      py::arg("x").noconvert(), py::arg("w").noconvert(), py::arg("out_features"),
+      py::arg("bias").noconvert() = py::none(), py::arg("out").noconvert());
+
+  m.def(
       "quant_matmul",
       [](py::array x, py::array w, const std::string& format, std::optional<py::array> bias,
          py::array out) {

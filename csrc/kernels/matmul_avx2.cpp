@@ -68,10 +68,10 @@ struct Avx2Kernel {
   static constexpr bool kPanels = true;
 
   template <class W>
-  static void convert(const W* w, int64_t n, float* out) {
+  static void convert(const W* w, int64_t ss, int64_t n, float* out) {
     int64_t k = 0;
-    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(out + k, load_w(w + k));
-    for (; k < n; ++k) out[k] = to_f32(w[k]);
+    for (; k + 8 <= n; k += 8) _mm256_storeu_ps(out + k, load_w(w + w_at(0, k, 0, ss)));
+    for (; k < n; ++k) out[k] = to_f32(w[w_at(0, k, 0, ss)]);
   }
 
   template <int R, int C>
@@ -86,7 +86,7 @@ struct Avx2Kernel {
   }
 
   template <int R, int C, class W>
-  static void tile(const float* x, int64_t xs, const W* w, int64_t ws, int64_t k_len,
+  static void tile(const float* x, int64_t xs, const W* w, int64_t rs, int64_t ss, int64_t k_len,
                    const float* bias, bool accumulate, float* out, int64_t os) {
     __m256 acc[R][C];
 #pragma GCC unroll 8
@@ -97,7 +97,7 @@ struct Avx2Kernel {
     for (; k + 8 <= k_len; k += 8) {
       __m256 wv[R];
 #pragma GCC unroll 8
-      for (int r = 0; r < R; ++r) wv[r] = load_w(w + r * ws + k);
+      for (int r = 0; r < R; ++r) wv[r] = load_w(w + w_at(r, k, rs, ss));
       step<R, C>(acc, wv, x + k, xs);
     }
     if (k < k_len) {  // zero-padded copies of the last k_len - k columns
@@ -106,7 +106,7 @@ struct Avx2Kernel {
       __m256 wv[R];
       for (int r = 0; r < R; ++r) {
         alignas(32) float w_tail[8] = {};
-        for (int64_t i = 0; i < n; ++i) w_tail[i] = to_f32(w[r * ws + k + i]);
+        for (int64_t i = 0; i < n; ++i) w_tail[i] = to_f32(w[w_at(r, k + i, rs, ss)]);
         wv[r] = _mm256_load_ps(w_tail);
       }
       for (int c = 0; c < C; ++c)

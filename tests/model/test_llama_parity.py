@@ -127,3 +127,30 @@ def test_bf16_and_f16_weights_run_without_float32_copies(tmp_path):
     tokens = llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0].token_ids
     ref = hf_logits(model.float(), prompt + tokens)[len(prompt) - 1:-1]
     assert tokens == ref.argmax(-1).tolist()
+
+
+def test_packed_weights_give_the_same_bits_as_rows(tmp_path):
+    """On the CPU float matrices are packed for decode (ops.PackedWeight), the tied
+    embedding and LM head as one; unpacked back to rows, every step's logits are identical."""
+    from engine.ops import PackedWeight
+
+    make_model("llama-tied", tmp_path, dtype=torch.float16)
+    llm = LLM(str(tmp_path), skip_tokenizer_init=True, enable_prefix_caching=False)
+    model = llm.engine.model
+    names = ("qkv", "o_proj", "gate_up", "down")
+    assert isinstance(model.lm_head, PackedWeight) and model.embed is model.lm_head
+    assert all(isinstance(getattr(layer, n), PackedWeight) for layer in model.layers for n in names)
+    prompt = list(range(3, 3 + PROMPT_LEN))
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    runs = []
+    for packed in (True, False):
+        if not packed:
+            model.lm_head = model.embed = model.lm_head.unpack()
+            for layer in model.layers:
+                for n in names:
+                    setattr(layer, n, getattr(layer, n).unpack())
+        with record_logits(llm) as recorded:
+            tokens = llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0].token_ids
+        runs.append((tokens, np.stack(recorded)))
+    assert runs[0][0] == runs[1][0]
+    np.testing.assert_array_equal(runs[0][1], runs[1][1])

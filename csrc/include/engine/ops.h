@@ -27,6 +27,14 @@ void set_isa(const std::string& name);  // throws if the CPU lacks it
 void matmul(const TensorView& x, const TensorView& w, const TensorView& bias,
             const TensorView& out);
 
+// matmul with w packed for the CPU (ops.PackedWeight): row n, column k of the
+// [out_features, in_features] weight is w[n / 8, k / 16, n % 8, k % 16]
+//   w    [ceil(out_features / 8), ceil(in_features / 16), 8, 16]  f32/f16/bf16, contiguous;
+//        the padding is never read
+// Bit-identical to matmul on the unpacked weight.
+void matmul_packed(const TensorView& x, const TensorView& w, int64_t out_features,
+                   const TensorView& bias, const TensorView& out);
+
 // ---- quantised matmul (GGUF block formats) -------------------------------------
 // Weights stay in the blocks llama.cpp reads, laid along in_features (ggml's layouts):
 //   q8_0: 32 values in 34 bytes: f16 d, 32 x i8 q                  w = d * q

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from engine import _C
+from engine.ops.packed import PackedWeight
 from engine.ops.quantized import QuantizedWeight, RowStack
 
 try:  # built wherever nvcc was found; imports without a driver and reports no device
@@ -29,7 +30,7 @@ __all__ = [
     "kv_cache_write", "kv_cache_copy", "paged_attention", "sample", "apply_penalties", "log_softmax_topk",
     "isa", "best_isa", "set_isa", "available_isas",
     "layer_norm", "gelu", "varlen_attention",
-    "QuantizedWeight", "quant_kernel",
+    "QuantizedWeight", "PackedWeight", "quant_kernel",
 ]
 
 
@@ -148,11 +149,15 @@ def available_isas() -> list[str]:
 def matmul(x, w, bias=None, *, out):
     """out[num_tokens, out_features] = x @ w.T (+ bias).
 
-    w is f32/f16/bf16, a QuantizedWeight (GGUF blocks; CPU only: x is quantised on the fly
-    to q8 blocks of 32 for integer dot products), or a RowStack of those (each part into
-    its own columns of out).
+    w is f32/f16/bf16, a PackedWeight (the same, laid out for the CPU's decode kernel;
+    bit-identical results), a QuantizedWeight (GGUF blocks; CPU only: x is quantised on the
+    fly to q8 blocks of 32 for integer dot products), or a RowStack of those (each part
+    into its own columns of out).
     """
-    if isinstance(w, QuantizedWeight):
+    if isinstance(w, PackedWeight):
+        _require_cpu("matmul", x, bias, out)
+        _C.matmul_packed(x, w.data, w.out_features, bias, out)
+    elif isinstance(w, QuantizedWeight):
         _require_cpu("matmul", x, bias, out)
         _C.quant_matmul(x, w.data, w.format, bias, out)
     elif isinstance(w, RowStack):
@@ -170,8 +175,8 @@ def quant_kernel() -> str:
 
 def _require_cpu(op: str, *arrays) -> None:
     if _backend(*arrays) is not _C:
-        raise TypeError(f"ops.{op}: quantised (GGUF block) weights run on the CPU only; "
-                        f"pass numpy arrays")
+        raise TypeError(f"ops.{op}: packed and quantised (GGUF block) weights run on the CPU "
+                        f"only; pass numpy arrays")
 
 
 def rms_norm(x, weight, eps: float, *, out):
@@ -199,8 +204,17 @@ def silu_and_mul(x, *, out):
 
 
 def embedding(ids, table, *, out):
-    """out[i] = table[ids[i]]; table f32/f16/bf16 or a QuantizedWeight (rows dequantised)."""
-    if isinstance(table, QuantizedWeight):
+    """out[i] = table[ids[i]]; table f32/f16/bf16, a PackedWeight, or a QuantizedWeight
+    (rows dequantised)."""
+    if isinstance(table, PackedWeight):
+        _require_cpu("embedding", ids, out)
+        if not (isinstance(out, np.ndarray) and out.dtype == np.float32
+                and out.shape == (len(ids), table.in_features)):
+            got = f"{out.dtype} {out.shape}" if isinstance(out, np.ndarray) else type(out).__name__
+            raise ValueError(f"embedding: out must be float32 [{len(ids)}, {table.in_features}], "
+                             f"got {got}")
+        out[...] = table.take(ids)
+    elif isinstance(table, QuantizedWeight):
         _require_cpu("embedding", ids, out)
         _C.quant_embedding(ids, table.data, table.format, out)
     else:
