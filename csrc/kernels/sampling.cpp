@@ -191,12 +191,24 @@ int32_t sample_row(const float* row, int64_t vocab, const RowParams& rp) {
   return order.at(num_kept - 1);
 }
 
-// argmax with the lowest index on ties.
+// argmax with the lowest index on ties (the row holds no NaN: checked first). Two passes
+// that vectorise, the maximum and then its first index, instead of one whose every step
+// waits on the last (16 rows of 49152 greedy, with the checks: 0.75 -> 0.2 ms, 2 threads).
 int32_t greedy_row(const float* row, int64_t vocab) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < vocab; ++i)
-    if (row[i] > row[best]) best = i;
-  return static_cast<int32_t>(best);
+  float m = row[0];
+#pragma omp simd reduction(max : m)
+  for (int64_t i = 0; i < vocab; ++i) m = row[i] > m ? row[i] : m;
+  constexpr int64_t kStep = 64;
+  int64_t i = 0;
+  for (; i + kStep <= vocab; i += kStep) {
+    int hit = 0;
+#pragma omp simd reduction(| : hit)
+    for (int64_t l = 0; l < kStep; ++l) hit |= row[i + l] == m;
+    if (hit) break;
+  }
+  for (; i < vocab; ++i)
+    if (row[i] == m) return static_cast<int32_t>(i);
+  return 0;  // unreachable: m is one of the row's values
 }
 
 // ============================================================================
@@ -227,16 +239,18 @@ std::string row_problem(const float* row, int64_t vocab, float temperature, floa
   return "";
 }
 
+// Without an early exit, so that the loop vectorises (a row is almost always fine).
 bool row_ok(const float* row, int64_t vocab, float temperature, float top_p, float min_p) {
   if (std::isnan(temperature) || std::isnan(top_p) || std::isnan(min_p)) return false;
-  bool any_finite = false;
   const bool sampled = temperature > 0.0f;
+  const float inf = std::numeric_limits<float>::infinity();
+  int bad = 0, any_finite = 0;
   for (int64_t i = 0; i < vocab; ++i) {
     const float v = row[i];
-    if (std::isnan(v) || (sampled && v == std::numeric_limits<float>::infinity())) return false;
-    any_finite |= std::isfinite(v);
+    bad |= (v != v) | (sampled & (v == inf));  // NaN, or +inf where sampled
+    any_finite |= (v - v) == 0.0f;             // finite: v - v is NaN for +-inf and NaN
   }
-  return !sampled || any_finite;
+  return !bad && (!sampled || any_finite);
 }
 
 }  // namespace

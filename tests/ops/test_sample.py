@@ -75,6 +75,24 @@ def test_greedy_is_first_argmax_and_advances_state():
     assert state.tolist() == [5 + 0x9E3779B97F4A7C15, 6 + 0x9E3779B97F4A7C15]
 
 
+@given(vocab=st.sampled_from([1, 2, 63, 64, 65, 130, 1000, 49152]), data=st.data())
+def test_greedy_is_the_first_maximum_of_long_rows(vocab, data):
+    """Ties within and across the kernel's 64-value steps and in the tail, signed zeros,
+    infinities: the lowest index whose value no other beats (numpy's argmax)."""
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    rng = np.random.default_rng(seed)
+    palette = np.array([-np.inf, -1.0, -0.0, 0.0, 2.5, np.inf], np.float32)
+    top = data.draw(st.integers(1, len(palette)), label="palette size")
+    logits = palette[rng.integers(0, top, (3, vocab))]
+    logits[1] = rng.standard_normal(vocab).astype(np.float32)
+    logits[2, rng.integers(0, vocab)] = 7.0  # one clear maximum anywhere
+    zeros = np.zeros(3, np.float32)
+    out = ops.sample(logits, zeros, np.zeros(3, np.int32), np.ones(3, np.float32), zeros,
+                     np.zeros(3, np.uint64), out=np.empty(3, np.int32))
+    want = [int(np.flatnonzero(row == row.max())[0]) for row in logits]
+    assert out.tolist() == want
+
+
 def test_seeded_draws_reproduce(rng):
     logits = rng.standard_normal((4, 1000)).astype(np.float32)
     params = make_params(rng, 4, 0.5)
