@@ -142,6 +142,10 @@ inline const uint8_t* block_codes(const uint8_t* row, int64_t b, uint8_t* buf) {
     v = _mm256_or_si256(lo, _mm256_and_si256(hi, _mm256_set1_epi8(0x30)));
   }
   _mm256_store_si256(reinterpret_cast<__m256i*>(buf), v);
+  // The codes must be read back from memory: without this GCC keeps v in a register and
+  // pulls each 4 bytes out with two shuffles before the broadcast, and the shuffle ports,
+  // not vpdpbusd, then bound the tile (a broadcast from memory is a load).
+  __asm__("" : "+m"(*reinterpret_cast<uint8_t(*)[32]>(buf)));
   return buf;
 }
 
