@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cpu.py --setup     # once: build llama-cpp-python 0.3.36 (5-6 min),
                                                # install matplotlib, make the models
-    python benchmarks/bench_cpu.py [--repeats 3] [--models smollm2,llama1b] [--threads 2]
+    python benchmarks/bench_cpu.py [--repeats 5] [--models smollm2,llama1b] [--threads 2]
 
 Models: SmolLM2-135M-Instruct from its GGUF (Q4_1 layers, Q8_0 embedding: the bytes llama.cpp
 reads), plus f16 and Q8_0 GGUFs that llama.cpp's converter writes from the same weights
@@ -118,11 +118,12 @@ def report(results: dict, args) -> None:
                                f"weights at {e[3] / (bandwidth / 1e9):.0%} (engine), "
                                f"{l[3] / (bandwidth / 1e9):.0%} (llama.cpp) of the copy bandwidth")
     for name, by_batch in results["batched"].items():
-        base = median(results["cases"][name]["engine"], "decode_tps")
         for batch, runs in sorted(by_batch.items()):
             tps = median(runs, "decode_tps")
+            paired = statistics.median(r["decode_tps"] / r["batch1_decode_tps"] for r in runs)
             ratio_lines.append(f"{name:16s} engine batched decode, {batch} sequences: {tps:.1f} "
-                               f"tok/s = {tps / base:.1f}x batch 1")
+                               f"tok/s = {paired:.1f}x batch 1 (median of {len(runs)} runs, each "
+                               f"against one sequence decoded just before in its process)")
     print()
     for line in ratio_lines:
         print(line)
@@ -167,14 +168,14 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peer-repeats", type=int, default=1, help="transformers runs per case")
     parser.add_argument("--no-transformers", action="store_true")
     parser.add_argument("--batches", type=int, nargs="*", default=[16, 64])
     parser.add_argument("--batch-new-tokens", type=int, default=64)
     parser.add_argument("--kv-cache-dtype", default="float16",
                         help="engine's KV cache (llama.cpp stores f16 by default)")
-    parser.add_argument("--batch-repeats", type=int, default=1)
+    parser.add_argument("--batch-repeats", type=int, default=3)
     parser.add_argument("--json", default="bench_cpu.json", help="raw results")
     parser.add_argument("--plot", default="bench_cpu.png")
     args = parser.parse_args()

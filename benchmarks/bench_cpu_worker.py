@@ -6,7 +6,9 @@
 
 batch 1: prefill tok/s (one step over the whole prompt) and decode tok/s (every token after
 the first). batch N (engine only): N sequences of 32-token prompts, decode tok/s over the
-steps after their prefill. Peak RSS is this process's (ru_maxrss).
+steps after their prefill, and just before, in the same process, one such sequence alone
+(batch1_decode_tps): the ratio of the two is paired, not split across minutes of drift.
+Peak RSS is this process's (ru_maxrss).
 """
 
 from __future__ import annotations
@@ -77,10 +79,13 @@ def run_engine(args) -> dict:
     if batch == 1:
         prefill, decode = run([prompt_ids(args.prompt_len)], args.new_tokens + 1)
         prefill_tps = args.prompt_len / prefill
+        single = {}
     else:
+        _, alone = run([prompt_ids(32, batch)], args.new_tokens + 1)
+        single = dict(batch1_decode_tps=args.new_tokens / alone)
         prefill, decode = run([prompt_ids(32, s) for s in range(batch)], args.new_tokens + 1)
         prefill_tps = 32 * batch / prefill
-    return dict(prefill_tps=prefill_tps, decode_tps=batch * args.new_tokens / decode,
+    return dict(prefill_tps=prefill_tps, decode_tps=batch * args.new_tokens / decode, **single,
                 weight_bytes_per_token=engine_weight_bytes(eng.model),
                 versions=f"engine {engine.__version__} (ISA {ops.isa()}, quantised kernels "
                          f"{ops.quant_kernel()}), numpy {np.__version__}, python "
