@@ -113,8 +113,12 @@ def report(results: dict, args) -> None:
                   f"{gbps:14.1f}")
         if "llama.cpp" in row:
             e, l = row["engine"], row["llama.cpp"]
+            # each engine run and the llama.cpp run right after it, as a pair
+            paired = statistics.median(a["decode_tps"] / b["decode_tps"]
+                                       for a, b in zip(by_runner["engine"], by_runner["llama.cpp"]))
             ratio_lines.append(f"{name:16s} engine/llama.cpp: prefill {e[0] / l[0]:.2f}x, decode "
-                               f"{e[1] / l[1]:.2f}x, peak RSS {e[2] / l[2]:.2f}x; decode reads "
+                               f"{e[1] / l[1]:.2f}x (paired runs: {paired:.2f}x), peak RSS "
+                               f"{e[2] / l[2]:.2f}x; decode reads "
                                f"weights at {e[3] / (bandwidth / 1e9):.0%} (engine), "
                                f"{l[3] / (bandwidth / 1e9):.0%} (llama.cpp) of the copy bandwidth")
     for name, by_batch in results["batched"].items():
@@ -178,15 +182,22 @@ def main() -> int:
     parser.add_argument("--batch-repeats", type=int, default=3)
     parser.add_argument("--json", default="bench_cpu.json", help="raw results")
     parser.add_argument("--plot", default="bench_cpu.png")
+    parser.add_argument("--report", metavar="JSON", help="print the report of a saved run")
     args = parser.parse_args()
     if args.setup:
         setup.run_setup()
         return 0
-    setup.require_setup()
     started = time.time()
-    results = measure(args)
-    with open(args.json, "w") as f:
-        json.dump(results, f, indent=1)
+    if args.report:
+        with open(args.report) as f:
+            results = json.load(f)
+        results["batched"] = {name: {int(b): runs for b, runs in by_batch.items()}
+                              for name, by_batch in results["batched"].items()}
+    else:
+        setup.require_setup()
+        results = measure(args)
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
     report(results, args)
     if results["batched"]:
         plot(results, args.plot)
