@@ -78,10 +78,6 @@ void fill_bias(const TensorView& bias, const TensorView& out) {
   }
 }
 
-}  // namespace
-
-namespace {
-
 void run(const matmul_detail::MatmulArgs& a, const TensorView& bias, const TensorView& out) {
   if (a.num_tokens == 0 || a.out_features == 0) return;
   if (a.in_features == 0) return fill_bias(bias, out);
@@ -128,9 +124,9 @@ void matmul_packed(const TensorView& x, const TensorView& w, int64_t out_feature
   using matmul_detail::kPackRows;
   const int64_t groups = ceil_div(std::max<int64_t>(out_features, 0), kPackRows);
   const int64_t steps = ceil_div(x.shape[1], 16);
-  const bool dtype_ok = w.dtype == DType::f32 || w.dtype == DType::f16 || w.dtype == DType::bf16;
-  ENGINE_CHECK(out_features >= 0 && dtype_ok && w.ndim == 4 && w.shape[0] == groups &&
-                   w.shape[1] == steps && w.shape[2] == kPackRows && w.shape[3] == 16,
+  ENGINE_CHECK(out_features >= 0 && is_float_weight(w.dtype) && w.ndim == 4 &&
+                   w.shape[0] == groups && w.shape[1] == steps && w.shape[2] == kPackRows &&
+                   w.shape[3] == 16,
                op,
                "w must be float32 or float16 or bfloat16 [" + std::to_string(groups) + ", " +
                    std::to_string(steps) + ", 8, 16] (" + std::to_string(out_features) +

@@ -128,14 +128,18 @@ inline void check_linear_bias_out(const TensorView& x, const TensorView& w,
   ENGINE_CHECK(!present(bias) || !overlaps(out, bias), op, "out must not overlap bias");
 }
 
+// The dtypes a float weight (matmul, matmul_packed) may have.
+inline bool is_float_weight(DType d) {
+  return d == DType::f32 || d == DType::f16 || d == DType::bf16;
+}
+
 // All of matmul's checks (CPU and CUDA): w float32, float16 or bfloat16
 // [out_features, in_features], contiguous, with check_linear_x and check_linear_bias_out.
 inline void check_float_linear(const TensorView& x, const TensorView& w, const TensorView& bias,
                                const TensorView& out, const char* op) {
   check_linear_x(x, op);
   const int64_t in_features = x.shape[1];
-  const bool w_dtype_ok = w.dtype == DType::f32 || w.dtype == DType::f16 || w.dtype == DType::bf16;
-  ENGINE_CHECK(w_dtype_ok && w.ndim == 2 && w.shape[1] == in_features, op,
+  ENGINE_CHECK(is_float_weight(w.dtype) && w.ndim == 2 && w.shape[1] == in_features, op,
                "w must be float32 or float16 or bfloat16 [out_features, " +
                    std::to_string(in_features) + "], got " + w.describe());
   if (w.numel() > 0) check_contiguous(w, op, "w");  // is_contiguous() rejects some empty views

@@ -1,7 +1,7 @@
 """Float weights laid out for the CPU's decode kernel.
 
 Decode (one token) reads every weight once and is bound by memory bandwidth. The matmul
-kernel computes 8 rows at a time; on plain rows that is 8 streams 1-2 rows apart, which the
+kernel computes 8 rows at a time; on plain rows that is 8 streams a row apart, which the
 hardware prefetcher follows less well than one. A `PackedWeight` stores each group of 8 rows
 16 columns at a time, so the same tile reads one contiguous stream: row n, column k of the
 [out_features, in_features] weight is data[n // 8, k // 16, n % 8, k % 16] (zero padded).
