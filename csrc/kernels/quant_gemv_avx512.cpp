@@ -9,7 +9,6 @@
 #include <immintrin.h>
 
 #include <cstring>
-#include <vector>
 
 #include "quant_avx512.h"
 
@@ -335,29 +334,26 @@ void run(const QuantArgs& a, const Token& x) {
 
 void quant_gemv_avx512_vnni(const QuantArgs& a) {
   const int64_t nb = a.in_features / 32;
-  thread_local std::vector<int8_t> codes;
-  thread_local std::vector<float> scales;
   const size_t padded = static_cast<size_t>((nb + 1) / 2 * 64);  // whole block pairs
-  if (codes.size() < padded) codes.resize(padded);
-  if (scales.size() < static_cast<size_t>(2 * nb)) scales.resize(2 * nb);
-  float* xd = scales.data();
-  float* xs = scales.data() + nb;
+  int8_t* codes = static_cast<int8_t*>(thread_scratch(Scratch::codes, padded));
+  float* xd = static_cast<float*>(thread_scratch(Scratch::scales, 2 * nb * sizeof(float)));
+  float* xs = xd + nb;
   const bool pairs = nibble_order(a.format);
-  if (nb % 2) std::memset(codes.data() + (nb - 1) * 32, 0, 64);  // the missing block B: 0
+  if (nb % 2) std::memset(codes + (nb - 1) * 32, 0, 64);  // the missing block B: 0
   QuantBlock qb;
   for (int64_t b = 0; b < nb; ++b) {  // the same arithmetic as the tiles' quantiser
     quantize_block(a.x + 32 * b, qb);
     if (pairs) {  // [A 0..15, B 0..15, A 16..31, B 16..31] per block pair
-      int8_t* pair = codes.data() + (b / 2) * 64 + (b % 2) * 16;
+      int8_t* pair = codes + (b / 2) * 64 + (b % 2) * 16;
       std::memcpy(pair, qb.q, 16);
       std::memcpy(pair + 32, qb.q + 16, 16);
     } else {
-      std::memcpy(codes.data() + 32 * b, qb.q, 32);
+      std::memcpy(codes + 32 * b, qb.q, 32);
     }
     xd[b] = qb.d;
     xs[b] = qb.s;
   }
-  const Token x{codes.data(), xd, xs};
+  const Token x{codes, xd, xs};
   switch (a.format) {
     case QuantFormat::q8_0: return run<QuantFormat::q8_0>(a, x);
     case QuantFormat::q4_0: return run<QuantFormat::q4_0>(a, x);

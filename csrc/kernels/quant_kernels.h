@@ -69,6 +69,13 @@ void quant_matmul_portable(const QuantArgs& a, const ActBlocks& x);
 void quant_matmul_avx2(const QuantArgs& a, const ActBlocks& x);
 void quant_matmul_avx512_vnni(const QuantArgs& a);  // quantises x into its own tile layout
 void quant_gemv_avx512_vnni(const QuantArgs& a);    // one token; the same bits per row
+
+// A grow-only, 64-byte aligned buffer of at least `bytes`, one per (calling thread, slot),
+// valid until the same thread asks for the same slot again. Defined in a file built for no
+// particular ISA: std::vector instantiated under `#pragma GCC target` fails to build with
+// GCC 13's libstdc++ (its always_inline allocator then has a mismatched target).
+enum class Scratch { codes, scales, tiles, count };
+void* thread_scratch(Scratch slot, size_t bytes);
 #endif
 
 namespace {

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -165,6 +166,21 @@ struct PortableKernel {
 }  // namespace
 
 void quant_matmul_portable(const QuantArgs& a, const ActBlocks& x) { run_any<PortableKernel>(a, x); }
+
+void* thread_scratch(Scratch slot, size_t bytes) {
+  struct Buffer {
+    std::unique_ptr<uint8_t[]> data;
+    size_t size = 0;
+  };
+  thread_local Buffer buffers[static_cast<int>(Scratch::count)];
+  Buffer& b = buffers[static_cast<int>(slot)];
+  if (b.size < bytes + 64) {
+    b.size = bytes + 64;
+    b.data.reset(new uint8_t[b.size]);
+  }
+  auto p = reinterpret_cast<uintptr_t>(b.data.get());
+  return reinterpret_cast<void*>((p + 63) & ~uintptr_t{63});
+}
 
 }  // namespace quant_detail
 

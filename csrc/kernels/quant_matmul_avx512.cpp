@@ -17,7 +17,6 @@
 #include <immintrin.h>
 
 #include <cstring>
-#include <vector>
 
 #include "quant_avx512.h"
 
@@ -183,12 +182,7 @@ void quant_matmul_avx512_vnni(const QuantArgs& a) {
   if (a.num_tokens == 1) return quant_gemv_avx512_vnni(a);
   const int64_t num_tiles = ceil_div(a.num_tokens, kLanes);
   const size_t count = static_cast<size_t>(num_tiles * (a.in_features / 32));
-  struct Aligned {
-    alignas(64) TileBlock b;
-  };
-  thread_local std::vector<Aligned> scratch;  // grow-only, per calling thread
-  if (scratch.size() < count) scratch.resize(count);
-  TileBlock* tiles = &scratch.data()->b;
+  auto* tiles = static_cast<TileBlock*>(thread_scratch(Scratch::tiles, count * sizeof(TileBlock)));
   switch (a.format) {
     case QuantFormat::q8_0: return run_parallel<QuantFormat::q8_0>(a, tiles, num_tiles);
     case QuantFormat::q4_0: return run_parallel<QuantFormat::q4_0>(a, tiles, num_tiles);
