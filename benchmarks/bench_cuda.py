@@ -251,6 +251,43 @@ def decode_attention(torch) -> list[dict]:
     return rows
 
 
+def step_ops(torch) -> list[dict]:
+    """The per-layer ops besides the matmuls at batch 1 (one decode token, a 256-token
+    context in a 512-wide block table, bf16 cache): microseconds per launch in a graph."""
+    import ml_dtypes
+    from engine import ops
+    from engine.model.rope import rope_cos_sin_cache
+
+    rng = np.random.default_rng(0)
+    h, i = SHAPE["hidden_size"], SHAPE["intermediate_size"]
+    heads, kv_heads, hd, bs = SHAPE["num_attention_heads"], SHAPE["num_key_value_heads"], 64, 16
+    dev = lambda a: ops.to_device(np.ascontiguousarray(a))  # noqa: E731
+    f32 = lambda *shape: dev(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
+    x, res, w = f32(1, h), f32(1, h), f32(h)
+    qkv = f32(1, (heads + 2 * kv_heads) * hd)
+    q, k, v = qkv[:, :heads * hd], qkv[:, heads * hd:(heads + kv_heads) * hd], qkv[:, (heads + kv_heads) * hd:]
+    gu, act = f32(1, 2 * i), ops.empty((1, i), np.float32, "cuda")
+    cos_sin = dev(rope_cos_sin_cache(hd, 2048, 10000.0))
+    blocks = 64
+    cache = lambda: dev((rng.standard_normal((blocks, bs, kv_heads, hd)) * 0.5)  # noqa: E731
+                        .astype(ml_dtypes.bfloat16))
+    kc, vc = cache(), cache()
+    pos, slots = dev(np.array([255], np.int32)), dev(np.array([255], np.int32))
+    tables = dev(np.arange(32, dtype=np.int32).reshape(1, 32))
+    seq_lens, qsl = dev(np.array([256], np.int32)), dev(np.array([0, 1], np.int32))
+    attn = ops.empty((1, heads, hd), np.float32, "cuda")
+    cases = {
+        "fused_add_rms_norm": lambda: ops.fused_add_rms_norm(x, res, w, 1e-5),
+        "rope": lambda: ops.rope(pos, q, k, cos_sin, hd),
+        "kv_cache_write": lambda: ops.kv_cache_write(k.reshape(1, kv_heads, hd),
+                                                     v.reshape(1, kv_heads, hd), kc, vc, slots),
+        "paged_attention": lambda: ops.paged_attention(q.reshape(1, heads, hd), kc, vc, tables,
+                                                       seq_lens, qsl, hd ** -0.5, out=attn),
+        "silu_and_mul": lambda: ops.silu_and_mul(gu, out=act),
+    }
+    return [dict(op=name, us=graph_time(fn) * 1e6) for name, fn in cases.items()]
+
+
 # ---- report ------------------------------------------------------------------------------
 
 def plot(result: dict, path: str) -> None:
@@ -287,7 +324,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,32,128,256")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-transformers", action="store_true")
-    ap.add_argument("--skip", default="", help="comma list of: e2e, matmul, attention")
+    ap.add_argument("--skip", default="", help="comma list of: e2e, matmul, attention, ops")
     args = ap.parse_args(argv)
     import torch
 
@@ -315,6 +352,12 @@ def main(argv=None) -> int:
         for r in result["decode_attention"]:
             print(f"decode attention ctx {r['context']:>5} x{r['batch']}: {r['us']:8.1f} us "
                   f"{r['gbs']:7.0f} GB/s", flush=True)
+    if "ops" not in skip:
+        result["step_ops"] = step_ops(torch)
+        per_layer = 2 * result["step_ops"][0]["us"] + sum(r["us"] for r in result["step_ops"][1:])
+        print("batch-1 ops besides the matmuls, us per launch: " +
+              ", ".join(f"{r['op']} {r['us']:.1f}" for r in result["step_ops"]) +
+              f"; per layer {per_layer:.1f} us", flush=True)
     if "e2e" not in skip:
         with tempfile.TemporaryDirectory() as tmp:
             params = make_model(tmp)
