@@ -128,6 +128,23 @@ def end_to_end(path: str, batches: list[int], torch, peers: bool, repeats: int) 
         e = statistics.median(engine_run(llm, b, NEW_TOKENS) for _ in range(repeats))
         rows[b] = {"engine_tok_s": b * NEW_TOKENS / e, "engine_s": e}
     del llm
+    # the same forward graph with plain launches (no programmatic dependent launch)
+    from engine import _C_cuda
+
+    plain_b1 = None
+    if _C_cuda.programmatic_launch():
+        _C_cuda.set_programmatic_launch(False)
+        try:
+            plain = LLM(path, skip_tokenizer_init=True, device="cuda", max_model_len=512,
+                        max_num_seqs=1, kv_cache_gib=1.0, enable_prefix_caching=False)
+            engine_run(plain, 1, 4)
+            plain_b1 = graph_replay_seconds(plain) * 1e3
+            t1p = min(engine_run(plain, 1, 1) for _ in range(3))
+            t129p = statistics.median(engine_run(plain, 1, NEW_TOKENS + 1) for _ in range(repeats))
+            plain_decode_b1 = NEW_TOKENS / (t129p - t1p)
+            del plain
+        finally:
+            _C_cuda.set_programmatic_launch(True)
     if peers:
         import transformers
 
@@ -139,8 +156,12 @@ def end_to_end(path: str, batches: list[int], torch, peers: bool, repeats: int) 
             rows[b].update(hf_tok_s=b * NEW_TOKENS / h, hf_s=h)
         del model
         torch.cuda.empty_cache()
-    return {"decode_b1_tok_s": decode_b1, "forward_b1_graph_ms": forward_b1 * 1e3,
-            "batches": rows}
+    out = {"decode_b1_tok_s": decode_b1, "forward_b1_graph_ms": forward_b1 * 1e3,
+           "batches": rows}
+    if plain_b1 is not None:
+        out.update(plain_launch_forward_b1_graph_ms=plain_b1,
+                   plain_launch_decode_b1_tok_s=plain_decode_b1)
+    return out
 
 
 def graph_replay_seconds(llm, reps: int = 100) -> float:
@@ -265,7 +286,8 @@ def step_ops(torch) -> list[dict]:
     f32 = lambda *shape: dev(rng.standard_normal(shape).astype(np.float32))  # noqa: E731
     x, res, w = f32(1, h), f32(1, h), f32(h)
     qkv = f32(1, (heads + 2 * kv_heads) * hd)
-    q, k, v = qkv[:, :heads * hd], qkv[:, heads * hd:(heads + kv_heads) * hd], qkv[:, (heads + kv_heads) * hd:]
+    qs, ks = heads * hd, kv_heads * hd
+    q, k, v = qkv[:, :qs], qkv[:, qs:qs + ks], qkv[:, qs + ks:]
     gu, act = f32(1, 2 * i), ops.empty((1, i), np.float32, "cuda")
     cos_sin = dev(rope_cos_sin_cache(hd, 2048, 10000.0))
     blocks = 64
@@ -371,6 +393,10 @@ def main(argv=None) -> int:
         step_ms, fwd_ms = 1e3 / e2e["decode_b1_tok_s"], e2e["forward_b1_graph_ms"]
         print(f"batch-1 step {step_ms:.3f} ms: forward graph alone {fwd_ms:.3f} ms on the GPU, "
               f"the rest (sampling, staging, host) {step_ms - fwd_ms:.3f} ms")
+        if "plain_launch_forward_b1_graph_ms" in e2e:
+            print(f"without programmatic dependent launch: forward graph "
+                  f"{e2e['plain_launch_forward_b1_graph_ms']:.3f} ms, batch-1 decode "
+                  f"{e2e['plain_launch_decode_b1_tok_s']:.0f} tok/s")
         print(f"{'batch':>6} {'engine tok/s':>13} {'transformers tok/s':>19} {'ratio':>7}")
         for b, r in e2e["batches"].items():
             hf = r.get("hf_tok_s")

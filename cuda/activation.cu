@@ -8,6 +8,7 @@ namespace {
 //   x [num_tokens, 2 * d] (row stride x_stride), out [num_tokens, d] (row stride out_stride)
 __global__ void silu_and_mul_kernel(const float* __restrict__ x, int64_t x_stride,
                                     float* __restrict__ out, int64_t out_stride, int64_t d) {
+  pdl_begin();
   const int64_t t = blockIdx.y;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= d) return;
@@ -34,7 +35,7 @@ void silu_and_mul(const TensorView& x, const TensorView& out, cudaStream_t strea
   ENGINE_CHECK(n <= 65535, op, "at most 65535 rows per call, got " + std::to_string(n));
   const int threads = 256;
   dim3 grid(static_cast<unsigned>((d + threads - 1) / threads), static_cast<unsigned>(n));
-  silu_and_mul_kernel<<<grid, threads, 0, stream>>>(x.ptr<float>(), x.stride(0), out.ptr<float>(),
+  launch_kernel(silu_and_mul_kernel, grid, threads, 0, stream, x.ptr<float>(), x.stride(0), out.ptr<float>(),
                                                     out.stride(0), d);
   check_launch(op);
 }

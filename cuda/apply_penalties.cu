@@ -79,6 +79,7 @@ __device__ double repeat_penalised(double x, double rep) {
 }
 
 __global__ void __launch_bounds__(kThreads) apply_penalties_kernel(Args a) {
+  pdl_begin();
   __shared__ uint32_t bits[kBitmapVocab / 32];
   const int64_t s = blockIdx.x, vocab = a.vocab;
   float* row = a.logits + s * a.ls;
@@ -183,7 +184,7 @@ void apply_penalties(const TensorView& logits, const TensorView& prompt_tokens,
   a.repetition = list_of<float>(repetition_penalty);
   a.bias_ids = list_of<int32_t>(bias_ids), a.bias_offsets = list_of<int32_t>(bias_offsets);
   a.bias_values = list_of<float>(bias_values);
-  apply_penalties_kernel<<<static_cast<unsigned>(num_seqs), kThreads, 0, stream>>>(a);
+  launch_kernel(apply_penalties_kernel, static_cast<unsigned>(num_seqs), kThreads, 0, stream, a);
   check_launch(kOp);
 }
 

@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common.cuh"
 #include "attention.cuh"
 
 namespace engine_cuda {
@@ -59,7 +60,8 @@ template <typename T, int D, int GMAX>
 __global__ void __launch_bounds__(kThreads, min_blocks<GMAX>())
     decode_kernel(Params p, int num_chunks, int num_splits,
                   float* __restrict__ part_ml,    // [num_tokens, num_q_heads, num_splits, 2]
-                  float* __restrict__ part_acc) { // [num_tokens, num_q_heads, num_splits, D]
+                  float* __restrict__ part_acc) {  // [num_tokens, num_q_heads, num_splits, D]
+  pdl_begin();
   constexpr int LPK = D / kEpl;        // lanes per key: 8 (D = 64) or 16 (D = 128)
   constexpr int KPW = 32 / LPK;        // keys one warp reads per step
   constexpr int NWORK = kWarps * KPW;  // workers in the CTA
@@ -201,7 +203,8 @@ template <int D>
 __global__ void __launch_bounds__(D)
     merge_kernel(Params p, int num_splits,
                  const float* __restrict__ part_ml,    // [num_tokens, num_q_heads, num_splits, 2]
-                 const float* __restrict__ part_acc) { // [num_tokens, num_q_heads, num_splits, D]
+                 const float* __restrict__ part_acc) {  // [num_tokens, num_q_heads, num_splits, D]
+  pdl_begin();
   const int64_t token = blockIdx.x, head = blockIdx.y;
   const int d = threadIdx.x;
   const int64_t part0 = (token * p.num_q_heads + head) * num_splits;
@@ -227,12 +230,12 @@ void launch_split(const Params& p, int num_splits, float* scratch, cudaStream_t 
   float* part_acc =
       scratch ? scratch + 2 * static_cast<int64_t>(p.num_tokens) * p.num_q_heads * num_splits
               : nullptr;
-  decode_kernel<T, D, GMAX><<<grid, kThreads, 0, stream>>>(p, num_chunks, num_splits, part_ml,
+  launch_kernel(decode_kernel<T, D, GMAX>, grid, kThreads, 0, stream, p, num_chunks, num_splits, part_ml,
                                                            part_acc);
   if (num_splits > 1) {
     const dim3 merge_grid(static_cast<unsigned>(p.num_tokens),
                           static_cast<unsigned>(p.num_q_heads));
-    merge_kernel<D><<<merge_grid, D, 0, stream>>>(p, num_splits, part_ml, part_acc);
+    launch_kernel(merge_kernel<D>, merge_grid, D, 0, stream, p, num_splits, part_ml, part_acc);
   }
 }
 

@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common.cuh"
 #include "attention.cuh"
 #include "cuda_ops.h"
 
@@ -68,6 +69,7 @@ __device__ void find_tile(const Params& p, int tile_id, int& seq, int& tile) {
 
 template <typename T, int DMAX>
 __global__ void __launch_bounds__(kThreads) prefill_kernel(Params p) {
+  pdl_begin();
   constexpr int NI = DMAX / 32;  // output dims per lane
   extern __shared__ __align__(16) float smem[];
   float* q_s = smem;                    // [BM][DMAX], pre-scaled, zero padded
@@ -227,7 +229,7 @@ void launch(const Params& p, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(p.num_tokens) * p.group;
   const dim3 grid(static_cast<unsigned>((rows + BM - 1) / BM + p.num_seqs),
                   static_cast<unsigned>(p.num_kv_heads));
-  prefill_kernel<T, DMAX><<<grid, kThreads, smem_bytes, stream>>>(p);
+  launch_kernel(prefill_kernel<T, DMAX>, grid, kThreads, smem_bytes, stream, p);
 }
 
 template <typename T>

@@ -289,6 +289,12 @@ void bind_device_array(py::module_& m) {
     size_t free_b = 0, total_b = 0;
     check_cuda(cudaMemGetInfo(&free_b, &total_b), "mem_get_info", "cudaMemGetInfo");
     return py::make_tuple(free_b, total_b); }, "(free bytes, total bytes) of the device.");
+  m.def("programmatic_launch", []() { engine_stream(); return programmatic_launch(); },
+        "Whether kernels launch with programmatic dependent launch (sm_90+, unless "
+        "ENGINE_CUDA_PDL=0 or set_programmatic_launch(False)).");
+  m.def("set_programmatic_launch", [](bool on) { engine_stream(); set_programmatic_launch(on); },
+        "Turn programmatic dependent launch on (where the device has it) or off for launches "
+        "and graph captures from now on.");
   m.def("device_name", []() {
     cudaDeviceProp p{};
     engine_stream();

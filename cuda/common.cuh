@@ -8,7 +8,9 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
+#include "device.h"
 #include "engine/check.h"
 
 namespace engine_cuda {
@@ -45,5 +47,38 @@ inline int row_threads(int64_t n, int max_threads = 1024) {
 }
 
 using engine::check_nonempty_row_contiguous;
+
+// ---- programmatic dependent launch (Hopper) ------------------------------------------
+// Every kernel is launched through launch_kernel(), which lets it start while the kernel before it
+// in the stream is still finishing (on sm_90 and later, unless turned off). So every kernel
+// begins with pdl_begin(), before it touches global memory: griddepcontrol.wait returns once
+// the grid before has completed and its writes are visible, and launch_dependents then lets
+// the next kernel's blocks be scheduled as this one's retire. The overlap hides the gap
+// between dependent launches; the order of memory effects is exactly that of plain launches.
+// Before sm_90 both instructions are absent and launches are plain.
+__device__ __forceinline__ void pdl_begin() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), with programmatic_launch() applied. A
+// failed launch is left for check_launch (cudaGetLastError) as with <<<>>>.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                   cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = programmatic_launch() ? 1 : 0;
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = attr;
+  config.numAttrs = 1;
+  cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
+}
 
 }  // namespace engine_cuda

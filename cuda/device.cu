@@ -1,9 +1,12 @@
 // Device-wide pieces every op uses: error checks, the engine's stream, capture state.
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
+#include "common.cuh"
 #include "cuda_ops.h"
 #include "device.h"
 
@@ -41,6 +44,30 @@ cudaStream_t engine_stream() {
   }();
   return stream;
 }
+
+namespace {
+int pdl_state = -1;  // -1: not yet decided, else 0 or 1
+
+bool device_supports_pdl() {
+  int device = 0, major = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return major >= 9;
+}
+}  // namespace
+
+bool programmatic_launch() {
+  if (pdl_state < 0) {
+    const char* env = std::getenv("ENGINE_CUDA_PDL");
+    pdl_state = !(env != nullptr && std::strcmp(env, "0") == 0) && device_supports_pdl();
+  }
+  return pdl_state == 1;
+}
+
+void set_programmatic_launch(bool on) { pdl_state = on && device_supports_pdl(); }
 
 void synchronize() {
   check_cuda(cudaStreamSynchronize(engine_stream()), "synchronize", "cudaStreamSynchronize");

@@ -18,6 +18,12 @@ cudaStream_t engine_stream();
 // Waits until everything queued on the engine's stream has finished.
 void synchronize();
 
+// Whether kernels launch with programmatic stream serialisation (common.cuh's launch_kernel()):
+// the device is sm_90 or later and ENGINE_CUDA_PDL is not "0". set_programmatic_launch
+// turns it off, or back on where the device has it, for launches and captures after it.
+bool programmatic_launch();
+void set_programmatic_launch(bool on);
+
 // An n-d strided view of device memory. `owner` keeps the memory alive (a cudaMalloc
 // allocation, or a DLPack producer's tensor); views share it. [base, base + capacity)
 // is the memory the owner guarantees: every view is checked to stay inside it.

@@ -14,6 +14,7 @@ __global__ void embedding_kernel(const int32_t* __restrict__ ids, int64_t id_str
                                  const T* __restrict__ table, int64_t table_stride,
                                  int64_t vocab, float* __restrict__ out, int64_t out_stride,
                                  int64_t hidden) {
+  pdl_begin();
   const int64_t t = blockIdx.x;
   const int64_t id = ids[t * id_stride];
   float* o = out + t * out_stride;
@@ -29,7 +30,7 @@ template <typename T>
 void launch(const TensorView& ids, const TensorView& table, const TensorView& out,
             cudaStream_t stream) {
   const int64_t n = ids.size(0), hidden = table.size(1);
-  embedding_kernel<T><<<static_cast<unsigned>(n), row_threads(hidden, 256), 0, stream>>>(
+  launch_kernel(embedding_kernel<T>, static_cast<unsigned>(n), row_threads(hidden, 256), 0, stream,
       ids.ptr<int32_t>(), ids.stride(0), table.ptr<T>(), table.stride(0), table.size(0),
       out.ptr<float>(), out.stride(0), hidden);
 }

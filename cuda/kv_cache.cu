@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <string>
 
+#include "common.cuh"
 #include "cuda_ops.h"
 #include "engine/check.h"
 
@@ -37,6 +38,7 @@ __global__ void kv_cache_write_kernel(
     T* __restrict__ v_cache,              // [num_slots, num_kv_heads * head_dim]
     const int32_t* __restrict__ slot_mapping,  // [num_tokens] strided
     int64_t slot_stride, int64_t num_slots, int num_kv_heads, int head_dim) {
+  pdl_begin();
   const int64_t token = blockIdx.x;
   const int64_t slot = slot_mapping[token * slot_stride];
   if (slot < 0 || slot >= num_slots) return;  // -1 (padding) or a bad slot: skipped
@@ -71,6 +73,7 @@ __global__ void kv_cache_copy_kernel(V* __restrict__ k_cache,  // [num_blocks, b
                                      const int32_t* __restrict__ dst_blocks,  // [num_pairs]
                                      int64_t src_stride, int64_t dst_stride, int64_t num_blocks,
                                      int64_t block_vecs) {
+  pdl_begin();
   const int64_t pair = blockIdx.x;
   const int64_t src = src_blocks[pair * src_stride], dst = dst_blocks[pair * dst_stride];
   if (src < 0 || src >= num_blocks || dst < 0 || dst >= num_blocks) return;
@@ -90,7 +93,7 @@ void launch_copy(const TensorView& k_cache, const TensorView& v_cache, const Ten
   int64_t chunks = (block_vecs + threads - 1) / threads;
   if (chunks > 64) chunks = 64;
   dim3 grid(static_cast<unsigned>(src.size(0)), static_cast<unsigned>(chunks), 2);
-  kv_cache_copy_kernel<V><<<grid, threads, 0, stream>>>(
+  launch_kernel(kv_cache_copy_kernel<V>, grid, threads, 0, stream,
       static_cast<V*>(k_cache.data), static_cast<V*>(v_cache.data), src.ptr<int32_t>(),
       dst.ptr<int32_t>(), src.stride(0), dst.stride(0), k_cache.size(0), block_vecs);
 }
@@ -127,13 +130,13 @@ void kv_cache_write(const TensorView& k, const TensorView& v, const TensorView& 
   const int threads = row_size >= 256 ? 256 : static_cast<int>((row_size + 31) / 32 * 32);
   const unsigned grid = static_cast<unsigned>(num_tokens);
   if (k_cache.dtype == DType::f32) {
-    kv_cache_write_kernel<float><<<grid, threads, 0, stream>>>(
+    launch_kernel(kv_cache_write_kernel<float>, grid, threads, 0, stream,
         k.ptr<float>(), v.ptr<float>(), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), k_cache.ptr<float>(), v_cache.ptr<float>(),
         slot_mapping.ptr<int32_t>(), slot_mapping.stride(0), num_slots,
         static_cast<int>(num_kv_heads), static_cast<int>(head_dim));
   } else {
-    kv_cache_write_kernel<__nv_bfloat16><<<grid, threads, 0, stream>>>(
+    launch_kernel(kv_cache_write_kernel<__nv_bfloat16>, grid, threads, 0, stream,
         k.ptr<float>(), v.ptr<float>(), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
         v.stride(1), v.stride(2), k_cache.ptr<__nv_bfloat16>(), v_cache.ptr<__nv_bfloat16>(),
         slot_mapping.ptr<int32_t>(), slot_mapping.stride(0), num_slots,

@@ -56,6 +56,7 @@ __device__ void sort_descending(unsigned long long* keys) {
 }
 
 __global__ void __launch_bounds__(kThreads, 1) log_softmax_topk_kernel(Args a) {
+  pdl_begin();
   __shared__ SelectScratch s;
   __shared__ unsigned long long keys[kThreads];  // (order key << 32) | (~id): descending = best first
   __shared__ int32_t s_count;
@@ -163,7 +164,7 @@ void log_softmax_topk(const TensorView& logits, const TensorView& token_ids, int
   a.out_token_logprob = out_token_logprob.ptr<float>(), a.os = out_token_logprob.stride(0);
   a.out_topk_ids = out_topk_ids.ptr<int32_t>(), a.is = k > 0 ? out_topk_ids.stride(0) : 0;
   a.out_topk_logprobs = out_topk_logprobs.ptr<float>(), a.ps = k > 0 ? out_topk_logprobs.stride(0) : 0;
-  log_softmax_topk_kernel<<<static_cast<unsigned>(num_seqs), kThreads, 0, stream>>>(a);
+  launch_kernel(log_softmax_topk_kernel, static_cast<unsigned>(num_seqs), kThreads, 0, stream, a);
   check_launch(kOp);
 }
 

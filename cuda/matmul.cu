@@ -20,6 +20,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "common.cuh"
 #include "cuda_ops.h"
 #include "engine/check.h"
 #include "matmul.cuh"
@@ -56,6 +57,7 @@ tiled_kernel(const float* __restrict__ x,     // [M, K], row stride x_stride
              const float* __restrict__ bias,  // [N] or nullptr
              float* __restrict__ out,         // [M, N], row stride out_stride
              int64_t out_stride, int64_t M, int64_t N, int64_t K) {
+  pdl_begin();
   __shared__ float s_x[kTileK][kTile + 1];  // [k][token]
   __shared__ float s_w[kTileK][kTile + 1];  // [k][feature]
   const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
@@ -109,7 +111,7 @@ template <typename W, bool kRoundX>
 void launch_tiled_for(const MatmulArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((a.out_features + kTile - 1) / kTile),
                   static_cast<unsigned>((a.num_tokens + kTile - 1) / kTile));
-  tiled_kernel<W, kRoundX><<<grid, kTiledThreads, 0, stream>>>(
+  launch_kernel(tiled_kernel<W, kRoundX>, grid, kTiledThreads, 0, stream,
       a.x, a.x_stride, static_cast<const W*>(a.w), a.bias, a.out, a.out_stride, a.num_tokens,
       a.out_features, a.in_features);
 }
@@ -133,6 +135,7 @@ void launch_tiled(const MatmulArgs& a, cudaStream_t stream) {
 __global__ void fill_bias_kernel(const float* __restrict__ bias,  // [N] or nullptr
                                  float* __restrict__ out,         // [M, N], row stride out_stride
                                  int64_t out_stride, int64_t M, int64_t N) {
+  pdl_begin();
   const int64_t total = M * N;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -147,6 +150,7 @@ split_reduce_kernel(const float* __restrict__ partial,  // [splits, M, N] contig
                     const float* __restrict__ bias,     // [N] or nullptr
                     float* __restrict__ out,            // [M, N], row stride out_stride
                     int64_t out_stride, int64_t M, int64_t N, int splits) {
+  pdl_begin();
   const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (n >= N) return;
   const int64_t plane = M * N;
@@ -165,7 +169,7 @@ split_reduce_kernel(const float* __restrict__ partial,  // [splits, M, N] contig
 void launch_fill_bias(const MatmulArgs& a, cudaStream_t stream) {
   const int64_t total = a.num_tokens * a.out_features;
   const int64_t blocks = std::min<int64_t>((total + 255) / 256, 4096);
-  fill_bias_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(
+  launch_kernel(fill_bias_kernel, static_cast<unsigned>(blocks), 256, 0, stream,
       a.bias, a.out, a.out_stride, a.num_tokens, a.out_features);
 }
 
@@ -173,7 +177,7 @@ void launch_split_reduce(const MatmulArgs& a, const float* partial, int64_t spli
                          cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((a.out_features + 255) / 256),
                   static_cast<unsigned>(std::min<int64_t>(a.num_tokens, 65535)));
-  split_reduce_kernel<<<grid, 256, 0, stream>>>(partial, a.bias, a.out, a.out_stride,
+  launch_kernel(split_reduce_kernel, grid, 256, 0, stream, partial, a.bias, a.out, a.out_stride,
                                                 a.num_tokens, a.out_features,
                                                 static_cast<int>(splits));
 }

@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "common.cuh"
 #include "matmul.cuh"
 
 namespace engine_cuda {
@@ -59,6 +60,7 @@ gemv_kernel(const float* __restrict__ x,     // [M, K], row stride x_stride (mul
             const float* __restrict__ bias,  // [N] or nullptr
             float* __restrict__ out,         // [M, N], row stride out_stride
             int64_t out_stride, int64_t n_rows, int64_t num_vec) {
+  pdl_begin();
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const uint4* w_row[kRows];
 #pragma unroll
@@ -129,7 +131,7 @@ gemv_kernel(const float* __restrict__ x,     // [M, K], row stride x_stride (mul
 template <typename W, int M>
 void launch_gemv_for(const MatmulArgs& a, cudaStream_t stream) {
   const int64_t num_blocks = (a.out_features + kRows - 1) / kRows;
-  gemv_kernel<W, M><<<static_cast<unsigned>(num_blocks), kThreads, 0, stream>>>(
+  launch_kernel(gemv_kernel<W, M>, static_cast<unsigned>(num_blocks), kThreads, 0, stream,
       a.x, a.x_stride, static_cast<const uint4*>(a.w), a.bias, a.out, a.out_stride,
       a.out_features, a.in_features / 8);
 }

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common.cuh"
 #include "cuda_ops.h"
 #include "matmul.cuh"
 #include "matmul_ptx.cuh"
@@ -58,6 +59,7 @@ mma_kernel(const float* __restrict__ x,     // [M, K], row stride x_stride
            int64_t out_stride,
            float* __restrict__ partial,     // [gridDim.z, M, N] when gridDim.z > 1, else unused
            int64_t M, int64_t N, int64_t K, int tiles_per_split) {
+  pdl_begin();
   constexpr int kWarpM = BM / 2;
   constexpr int kMT = kWarpM / 16;          // m16 tiles per warp
   constexpr int kBN = 4 * WN;
@@ -255,7 +257,7 @@ void launch_mma_for(const MatmulArgs& a, const MmaPlan& p, float* partial,
   (void)configured;
 
   const dim3 grid(static_cast<unsigned>(p.ctas), 1, static_cast<unsigned>(p.splits));
-  mma_kernel<W, BM, WN><<<grid, kThreads, kSmemBytes, stream>>>(
+  launch_kernel(mma_kernel<W, BM, WN>, grid, kThreads, kSmemBytes, stream,
       a.x, a.x_stride, static_cast<const W*>(a.w), a.bias, a.out, a.out_stride, partial,
       a.num_tokens, a.out_features, a.in_features, static_cast<int>(p.tiles_per_split));
 }

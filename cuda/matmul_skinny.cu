@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "common.cuh"
 #include "cuda_ops.h"
 #include "matmul.cuh"
 #include "matmul_ptx.cuh"
@@ -53,6 +54,7 @@ round_x_kernel(const float* __restrict__ x,  // [M, K], row stride x_stride; row
                int64_t x_stride,
                W* __restrict__ xh,           // [M, K] contiguous
                int K) {
+  pdl_begin();
   const int64_t m = blockIdx.y;
   const float4* src = reinterpret_cast<const float4*>(x + m * x_stride);
   uint4* dst = reinterpret_cast<uint4*>(xh + m * K);
@@ -74,6 +76,7 @@ skinny_kernel(const W* __restrict__ xh,       // [M, K] contiguous
               int64_t out_stride,
               float* __restrict__ partial,    // [gridDim.z, M, N] when gridDim.z > 1, else unused
               int M, int64_t N, int K, int m_tiles, int tiles_per_split) {
+  pdl_begin();
   constexpr int kStages = stages_for(BM);
   constexpr int kWarpM = BM / 2;
   constexpr int kMT = kWarpM / 16;  // m16 tiles per warp
@@ -252,13 +255,12 @@ void launch_skinny_for(const MatmulArgs& a, const SkinnyPlan& p, void* scratch,
                        : nullptr;
   const int K = static_cast<int>(a.in_features);
   const int64_t vec_blocks = std::min<int64_t>((K / 8 + 255) / 256, 64);
-  round_x_kernel<W><<<dim3(static_cast<unsigned>(vec_blocks),
-                           static_cast<unsigned>(a.num_tokens)),
-                      256, 0, stream>>>(a.x, a.x_stride, xh, K);
+  launch_kernel(round_x_kernel<W>, dim3(static_cast<unsigned>(vec_blocks),
+                           static_cast<unsigned>(a.num_tokens)), 256, 0, stream, a.x, a.x_stride, xh, K);
 
   const dim3 grid(static_cast<unsigned>(p.m_tiles * p.n_tiles), 1,
                   static_cast<unsigned>(p.splits));
-  skinny_kernel<W, BM><<<grid, kThreads, kSmem, stream>>>(
+  launch_kernel(skinny_kernel<W, BM>, grid, kThreads, kSmem, stream,
       xh, static_cast<const W*>(a.w), a.bias, a.out, a.out_stride, partial,
       static_cast<int>(a.num_tokens), a.out_features, K, static_cast<int>(p.m_tiles),
       static_cast<int>(p.tiles_per_split));

@@ -14,6 +14,7 @@ template <typename W>
 __global__ void rms_norm_kernel(const float* x, int64_t x_stride, float* residual,
                                 int64_t r_stride, const W* __restrict__ weight, float* out,
                                 int64_t out_stride, int64_t hidden, double eps) {
+  pdl_begin();
   const int64_t row = blockIdx.x;
   const float* xr = x + row * x_stride;
   float* rr = residual ? residual + row * r_stride : nullptr;
@@ -37,7 +38,7 @@ __global__ void rms_norm_kernel(const float* x, int64_t x_stride, float* residua
 template <typename W>
 void launch(const float* x, int64_t xs, float* r, int64_t rs, const void* w, float* out,
             int64_t os, int64_t rows, int64_t hidden, double eps, cudaStream_t stream) {
-  rms_norm_kernel<W><<<static_cast<unsigned>(rows), row_threads(hidden, 512), 0, stream>>>(
+  launch_kernel(rms_norm_kernel<W>, static_cast<unsigned>(rows), row_threads(hidden, 512), 0, stream,
       x, xs, r, rs, static_cast<const W*>(w), out, os, hidden, eps);
 }
 

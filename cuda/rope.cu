@@ -18,6 +18,7 @@ struct Heads {
 __global__ void rope_kernel(const int32_t* __restrict__ positions, int64_t pos_stride,
                             Heads q, Heads k, const float* __restrict__ cos_sin,
                             int64_t cs_stride, int64_t max_position, int64_t half) {
+  pdl_begin();
   const int64_t t = blockIdx.x;
   const int64_t p = positions[t * pos_stride];
   if (p < 0 || p >= max_position) return;
@@ -64,7 +65,7 @@ void rope(const TensorView& positions, const TensorView& q, const TensorView& k,
   if (num_tokens == 0) return;
   const int64_t half = rotary_dim / 2;
   const int threads = row_threads((qh.num_heads + kh.num_heads) * half, 512);
-  rope_kernel<<<static_cast<unsigned>(num_tokens), threads, 0, stream>>>(
+  launch_kernel(rope_kernel, static_cast<unsigned>(num_tokens), threads, 0, stream,
       positions.ptr<int32_t>(), positions.stride(0), qh, kh, cos_sin_cache.ptr<float>(),
       cos_sin_cache.stride(0), max_position, half);
   check_launch(op);

@@ -142,6 +142,7 @@ struct SampleArgs {
 };
 
 __global__ void __launch_bounds__(kThreads, 1) sample_kernel(SampleArgs a) {
+  pdl_begin();
   __shared__ SelectScratch s;
   const int64_t r = blockIdx.x;
   const float* row = a.logits + r * a.logits_stride;
@@ -236,7 +237,7 @@ void sample(const TensorView& logits, const TensorView& temperature, const Tenso
   a.out = out.ptr<int32_t>();
   a.ts = temperature.stride(0), a.ks = top_k.stride(0), a.ps = top_p.stride(0);
   a.ms = min_p.stride(0), a.rs = rng_state.stride(0), a.os = out.stride(0);
-  sample_kernel<<<static_cast<unsigned>(num_seqs), kThreads, 0, stream>>>(a);
+  launch_kernel(sample_kernel, static_cast<unsigned>(num_seqs), kThreads, 0, stream, a);
   check_launch(op);
 }
 

@@ -74,6 +74,22 @@ def test_graphs_give_the_same_tokens_as_eager_steps(tmp_path):
     assert a == b
 
 
+def test_programmatic_launch_gives_the_same_tokens_as_plain_launches(tmp_path):
+    from engine import _C_cuda
+
+    assert _C_cuda.programmatic_launch() == (torch.cuda.get_device_capability()[0] >= 9)
+    make_llama(tmp_path, torch.bfloat16)
+    params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    on = run(LLM(str(tmp_path), skip_tokenizer_init=True, device="cuda"), PROMPTS, params)
+    _C_cuda.set_programmatic_launch(False)
+    try:
+        assert not _C_cuda.programmatic_launch()
+        off = run(LLM(str(tmp_path), skip_tokenizer_init=True, device="cuda"), PROMPTS, params)
+    finally:
+        _C_cuda.set_programmatic_launch(True)
+    assert on == off
+
+
 def test_seeded_sampling_on_cuda_is_reproducible_and_n_forks(tmp_path):
     # Prefix caching off: a cached prompt would run its last token through other kernels
     # (the GPU kernels are deterministic, but not invariant to how a batch is split).
