@@ -27,6 +27,7 @@ namespace {
 constexpr int kLanes = 16;         // tokens per tile
 constexpr int kRows = 8;           // weight rows per register tile
 constexpr int kTilesPerBlock = 4;  // token tiles that meet a row tile while it is in L1
+constexpr int kQuantPieces = 4;    // block ranges a tile's quantisation is cut into
 
 // One 32-value block of one token tile.
 struct TileBlock {
@@ -39,23 +40,27 @@ static_assert(sizeof(TileBlock) == 768, "TileBlock is packed");
 
 // ---- activations -------------------------------------------------------------------------
 
-// Quantises the tokens of tile `tile` into blocks[0 .. nb): lanes past the last token stay 0.
-void quantize_tile(const QuantArgs& a, int64_t tile, TileBlock* blocks) {
-  const int64_t nb = a.in_features / 32;
-  std::memset(static_cast<void*>(blocks), 0, sizeof(TileBlock) * nb);
-  const int64_t t_end = std::min<int64_t>(a.num_tokens, (tile + 1) * kLanes);
+// Quantises blocks [b0, b1) of the tokens of tile `tile` into blocks[b0 .. b1); the lanes
+// past the last token are zeroed (codes, d, s and sums), every other byte is written.
+void quantize_tile(const QuantArgs& a, int64_t tile, int64_t b0, int64_t b1, TileBlock* blocks) {
+  const int64_t t_begin = tile * kLanes;
+  const int64_t t_end = std::min<int64_t>(a.num_tokens, t_begin + kLanes);
+  const int lanes = static_cast<int>(t_end - t_begin);
   QuantBlock qb;
-  for (int64_t t = tile * kLanes; t < t_end; ++t) {
-    const int lane = static_cast<int>(t % kLanes);
-    const float* x = a.x + t * a.x_row_stride;
-    for (int64_t b = 0; b < nb; ++b) {
-      quantize_block(x + 32 * b, qb);
-      TileBlock& tb = blocks[b];
+  for (int64_t b = b0; b < b1; ++b) {
+    TileBlock& tb = blocks[b];
+    for (int lane = 0; lane < lanes; ++lane) {
+      quantize_block(a.x + (t_begin + lane) * a.x_row_stride + 32 * b, qb);
       for (int k = 0; k < 8; ++k) std::memcpy(tb.q[k][lane], qb.q + 4 * k, 4);
       tb.d[lane] = qb.d;
       tb.s[lane] = qb.s;
       tb.sum16[0][lane] = qb.lo;
       tb.sum16[1][lane] = qb.hi;
+    }
+    for (int lane = lanes; lane < kLanes; ++lane) {
+      for (int k = 0; k < 8; ++k) std::memset(tb.q[k][lane], 0, 4);
+      tb.d[lane] = tb.s[lane] = 0.0f;
+      tb.sum16[0][lane] = tb.sum16[1][lane] = 0;
     }
   }
 }
@@ -79,7 +84,9 @@ inline void tile(const uint8_t* const (&rows)[R], const RowTable* tables, int64_
       seed_lo = _mm512_sub_epi32(seed_lo, _mm512_slli_epi32(lo, 5));
       seed_hi = _mm512_sub_epi32(seed_hi, _mm512_slli_epi32(hi, 5));
     } else if constexpr (o != 0) {
-      seed_lo = _mm512_mullo_epi32(_mm512_add_epi32(lo, hi), _mm512_set1_epi32(-o));
+      static_assert((o & (o - 1)) == 0, "the offset is a power of two");
+      seed_lo = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                 _mm512_slli_epi32(_mm512_add_epi32(lo, hi), __builtin_ctz(o)));
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
@@ -168,8 +175,13 @@ void run_parallel(const QuantArgs& a, TileBlock* tiles, int64_t num_tiles) {
   const double work = static_cast<double>(a.num_tokens) * a.out_features * a.in_features;
 #pragma omp parallel if (work >= kMinParallelWork && num_parts > 1)
   {
+    // every thread quantises a share of the (tile, block range) pieces: one tile of 16
+    // tokens would otherwise be one thread's work while the others wait
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < num_tiles; ++t) quantize_tile(a, t, tiles + t * nb);
+    for (int64_t i = 0; i < num_tiles * kQuantPieces; ++i) {
+      const int64_t t = i / kQuantPieces, p = i % kQuantPieces;
+      quantize_tile(a, t, nb * p / kQuantPieces, nb * (p + 1) / kQuantPieces, tiles + t * nb);
+    }
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < num_parts; ++i)
       run<F>(a, tiles, num_tiles, i * part_rows, std::min(a.out_features, (i + 1) * part_rows));
