@@ -60,7 +60,6 @@ gemv_kernel(const float* __restrict__ x,     // [M, K], row stride x_stride (mul
             const float* __restrict__ bias,  // [N] or nullptr
             float* __restrict__ out,         // [M, N], row stride out_stride
             int64_t out_stride, int64_t n_rows, int64_t num_vec) {
-  pdl_begin();
   const int64_t row0 = static_cast<int64_t>(blockIdx.x) * kRows;
   const uint4* w_row[kRows];
 #pragma unroll
@@ -69,6 +68,12 @@ gemv_kernel(const float* __restrict__ x,     // [M, K], row stride x_stride (mul
     const int64_t row = row0 + r < n_rows ? row0 + r : n_rows - 1;
     w_row[r] = w + row * num_vec;
   }
+  // The weights are no kernel's output: start fetching this thread's share into L2 before
+  // waiting for the kernel before (which writes x), so the fetch overlaps its tail.
+  for (int64_t v = threadIdx.x; v < num_vec; v += kThreads)
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) prefetch_l2(w_row[r] + v);
+  pdl_begin();
 
   float acc[M][kRows];
 #pragma unroll

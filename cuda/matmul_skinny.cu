@@ -76,7 +76,6 @@ skinny_kernel(const W* __restrict__ xh,       // [M, K] contiguous
               int64_t out_stride,
               float* __restrict__ partial,    // [gridDim.z, M, N] when gridDim.z > 1, else unused
               int M, int64_t N, int K, int m_tiles, int tiles_per_split) {
-  pdl_begin();
   constexpr int kStages = stages_for(BM);
   constexpr int kWarpM = BM / 2;
   constexpr int kMT = kWarpM / 16;  // m16 tiles per warp
@@ -129,6 +128,18 @@ skinny_kernel(const W* __restrict__ xh,       // [M, K] contiguous
     for (int j = 0; j < kNT; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+  // The weights are no kernel's output: the prologue's w tiles start into L2 before the
+  // wait for the kernel before (which writes x).
+  for (int s = 0; s < kStages - 1 && s < num_tiles; ++s)
+#pragma unroll
+    for (int i = 0; i < kBChunks; ++i) {
+      const int c = tid + i * kThreads;
+      const int row = c / (kBK / 8), col = c % (kBK / 8) * 8;
+      const int k = (kt_begin + s) * kBK + col;
+      if (row < n_left && k < K) prefetch_l2(w_blk + static_cast<int64_t>(row) * K + k);
+    }
+  pdl_begin();
 
   // ---- pipeline: prologue fills kStages - 1 stages; one commit group per tile ----------
 #pragma unroll
