@@ -153,17 +153,15 @@ void paged_attention(const TensorView& q, const TensorView& k_cache, const Tenso
                              max_len <= 512LL * 65535;  // splits fit grid.z
   if (decode_shapes && aligned && (p.head_dim == 64 || p.head_dim == 128) &&
       !force_prefill_kernel()) {
-    // Splits of 512 positions; shorter ones (down to 64) until the grid gives every SM
-    // eight CTAs: a CTA walks its split key by key with two loads in flight per lane, so
-    // the cache is read at HBM rate only with that many CTAs resident (at two per SM, 32
-    // sequences over 1k-8k contexts read it at 0.44-0.61 TB/s on an H200).
+    // Splits of 512 positions; shorter ones (down to 64) when the grid would not give
+    // every SM two CTAs (few sequences and heads: the latency-bound single-stream case).
     const int chunk_heads = attention::decode_chunk_heads(p.group);
     const int64_t num_chunks = (p.group + chunk_heads - 1) / chunk_heads;
     const int64_t ctas_per_split = static_cast<int64_t>(p.num_seqs) * p.num_kv_heads * num_chunks;
     p.partition_size = 512;
     while (p.partition_size > 64 &&
            ctas_per_split * ((max_len + p.partition_size - 1) / p.partition_size) <
-               8 * sm_count())
+               2 * sm_count())
       p.partition_size /= 2;
     const int num_splits = static_cast<int>((max_len + p.partition_size - 1) / p.partition_size);
     float* scratch = nullptr;
