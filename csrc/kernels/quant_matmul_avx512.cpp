@@ -88,34 +88,49 @@ inline void tile(const uint8_t* const (&rows)[R], const RowTable* tables, int64_
       seed_lo = _mm512_sub_epi32(_mm512_setzero_si512(),
                                  _mm512_slli_epi32(_mm512_add_epi32(lo, hi), __builtin_ctz(o)));
     }
+    // The R rows' dot chains are interleaved step by step: one row's 8 dependent vpdpbusd
+    // back to back leave the scheduler holding waiting work instead of the other rows'.
+    const uint8_t* codes[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const uint8_t* codes = block_codes<F>(rows[r], b0 + i, buf[r]);
+      codes[r] = block_codes<F>(rows[r], b0 + i, buf[r]);
       if (prefetch) _mm_prefetch(reinterpret_cast<const char*>(rows[r]) + prefetch + (b0 + i) * block_bytes<F>(), _MM_HINT_T0);
-      __m512i dot;
-      if constexpr (F == QuantFormat::q6_k) {
-        __m512i d0 = seed_lo, d1 = seed_hi;
-#pragma GCC unroll 4
-        for (int k = 0; k < 4; ++k) {
-          uint32_t w0, w1;
-          std::memcpy(&w0, codes + 4 * k, 4);
-          std::memcpy(&w1, codes + 16 + 4 * k, 4);
-          d0 = _mm512_dpbusd_epi32(d0, _mm512_set1_epi32(static_cast<int>(w0)), xk[k]);
-          d1 = _mm512_dpbusd_epi32(d1, _mm512_set1_epi32(static_cast<int>(w1)), xk[4 + k]);
-        }
-        dot = _mm512_add_epi32(_mm512_mullo_epi32(d0, _mm512_set1_epi32(tables[r].sc6[i][0])),
-                               _mm512_mullo_epi32(d1, _mm512_set1_epi32(tables[r].sc6[i][1])));
-      } else {
-        dot = seed_lo;
+    }
+    __m512i dot[R];
+    if constexpr (F == QuantFormat::q6_k) {
+      __m512i d0[R], d1[R];
 #pragma GCC unroll 8
-        for (int k = 0; k < 8; ++k) {
-          uint32_t w;
-          std::memcpy(&w, codes + 4 * k, 4);
-          dot = _mm512_dpbusd_epi32(dot, _mm512_set1_epi32(static_cast<int>(w)), xk[k]);
+      for (int r = 0; r < R; ++r) d0[r] = seed_lo, d1[r] = seed_hi;
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k)
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          uint32_t w0, w1;
+          std::memcpy(&w0, codes[r] + 4 * k, 4);
+          std::memcpy(&w1, codes[r] + 16 + 4 * k, 4);
+          d0[r] = _mm512_dpbusd_epi32(d0[r], _mm512_set1_epi32(static_cast<int>(w0)), xk[k]);
+          d1[r] = _mm512_dpbusd_epi32(d1[r], _mm512_set1_epi32(static_cast<int>(w1)), xk[4 + k]);
         }
-      }
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r)
+        dot[r] = _mm512_add_epi32(_mm512_mullo_epi32(d0[r], _mm512_set1_epi32(tables[r].sc6[i][0])),
+                                  _mm512_mullo_epi32(d1[r], _mm512_set1_epi32(tables[r].sc6[i][1])));
+    } else {
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) dot[r] = seed_lo;
+#pragma GCC unroll 8
+      for (int k = 0; k < 8; ++k)
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+          uint32_t w;
+          std::memcpy(&w, codes[r] + 4 * k, 4);
+          dot[r] = _mm512_dpbusd_epi32(dot[r], _mm512_set1_epi32(static_cast<int>(w)), xk[k]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
       const __m512 f = _mm512_mul_ps(_mm512_set1_ps(tables[r].scale[i]), dx);
-      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), f, acc[r]);
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), f, acc[r]);
       if constexpr (has_min<F>())
         acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(tables[r].min[i]), _mm512_load_ps(tb.s), acc[r]);
     }
