@@ -1,6 +1,7 @@
 // Device-wide pieces every op uses: error checks, the engine's stream, capture state.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <stdexcept>
@@ -46,7 +47,7 @@ cudaStream_t engine_stream() {
 }
 
 namespace {
-int pdl_state = -1;  // -1: not yet decided, else 0 or 1
+std::atomic<int> pdl_state{-1};  // -1: not yet decided, else 0 or 1
 
 bool device_supports_pdl() {
   int device = 0, major = 0;
