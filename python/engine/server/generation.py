@@ -160,8 +160,11 @@ async def _wait_for_disconnect(request: Request) -> None:
             return
 
 
-async def sse_events(gen: Generation, chunks: AsyncIterator[dict]) -> AsyncIterator[str]:
-    """The stream's events: each chunk, an error event if the engine fails, then [DONE]."""
+async def sse_events(gen: Generation, chunks: AsyncIterator[dict],
+                     settle: Callable[[], None]) -> AsyncIterator[str]:
+    """The stream's events: each chunk, an error event if the engine fails, then [DONE].
+    The usage is settled (written to the ledger) before [DONE], so a client that has read
+    the whole stream finds it billed; the response's close settles any other ending."""
     try:
         async for chunk in chunks:
             yield sse(chunk)
@@ -174,6 +177,7 @@ async def sse_events(gen: Generation, chunks: AsyncIterator[dict]) -> AsyncItera
     except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
         gen.ctx.is_disconnected = True
         raise
+    settle()
     yield sse("[DONE]")
 
 
@@ -194,7 +198,7 @@ class SettlingStreamingResponse(StreamingResponse):
 
 def stream_response(gen: Generation, chunks: AsyncIterator[dict],
                     on_close: Callable[[], None]) -> StreamingResponse:
-    return SettlingStreamingResponse(sse_events(gen, chunks), on_close,
+    return SettlingStreamingResponse(sse_events(gen, chunks, on_close), on_close,
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache",
                                               "X-Accel-Buffering": "no"})
