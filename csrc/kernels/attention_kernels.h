@@ -133,6 +133,17 @@ inline void for_each_chunk(const Args& a, const Item& it, int64_t kv_end, int64_
   const int32_t* table = a.block_tables + it.seq * a.bt_seq_stride;
   const T* k_cache = static_cast<const T*>(a.k_cache);
   const T* v_cache = static_cast<const T*>(a.v_cache);
+  // The whole item's lines are requested up front too: an item (decode: at most 128
+  // positions) fits in L2, and from memory the running prefetch alone left decode waiting
+  // (1B-shaped decode over 600 cold f16 positions, 2 threads: 187-251 -> 168-233 us).
+  for (int64_t pos = it.kv_begin; pos < kv_end; ++pos) {
+    const int64_t at = table[(pos / a.block_size) * a.bt_block_stride] * block_stride +
+                       (pos % a.block_size) * token_stride + it.kv_head * D;
+    for (int64_t e = 0; e < it.num_heads * D; e += 64 / static_cast<int64_t>(sizeof(T))) {
+      __builtin_prefetch(k_cache + at + e, 0, kHint);
+      __builtin_prefetch(v_cache + at + e, 0, kHint);
+    }
+  }
   for (int64_t pos = it.kv_begin; pos < kv_end;) {
     const int64_t block = pos / a.block_size, offset = pos % a.block_size;
     const int64_t n = min_i64(min_i64(a.block_size - offset, kv_end - pos), max_chunk);
