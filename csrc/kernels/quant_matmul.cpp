@@ -175,8 +175,8 @@ void* thread_scratch(Scratch slot, size_t bytes) {
   thread_local Buffer buffers[static_cast<int>(Scratch::count)];
   Buffer& b = buffers[static_cast<int>(slot)];
   if (b.size < bytes + 64) {
+    b.data.reset(new uint8_t[bytes + 64]);  // may throw: the size is only set once it holds
     b.size = bytes + 64;
-    b.data.reset(new uint8_t[b.size]);
   }
   auto p = reinterpret_cast<uintptr_t>(b.data.get());
   return reinterpret_cast<void*>((p + 63) & ~uintptr_t{63});

@@ -1,6 +1,8 @@
 """The whole model on the GPU: the same greedy tokens as the CPU path, graphs the same
 as eager steps, seeded sampling reproducible."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -77,16 +79,20 @@ def test_graphs_give_the_same_tokens_as_eager_steps(tmp_path):
 def test_programmatic_launch_gives_the_same_tokens_as_plain_launches(tmp_path):
     from engine import _C_cuda
 
-    assert _C_cuda.programmatic_launch() == (torch.cuda.get_device_capability()[0] >= 9)
+    before = _C_cuda.programmatic_launch()
+    hopper = torch.cuda.get_device_capability()[0] >= 9
+    assert before == (hopper and os.environ.get("ENGINE_CUDA_PDL") != "0")
     make_llama(tmp_path, torch.bfloat16)
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
-    on = run(LLM(str(tmp_path), skip_tokenizer_init=True, device="cuda"), PROMPTS, params)
-    _C_cuda.set_programmatic_launch(False)
     try:
+        _C_cuda.set_programmatic_launch(True)
+        assert _C_cuda.programmatic_launch() == hopper
+        on = run(LLM(str(tmp_path), skip_tokenizer_init=True, device="cuda"), PROMPTS, params)
+        _C_cuda.set_programmatic_launch(False)
         assert not _C_cuda.programmatic_launch()
         off = run(LLM(str(tmp_path), skip_tokenizer_init=True, device="cuda"), PROMPTS, params)
     finally:
-        _C_cuda.set_programmatic_launch(True)
+        _C_cuda.set_programmatic_launch(before)
     assert on == off
 
 
