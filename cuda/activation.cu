@@ -35,8 +35,8 @@ void silu_and_mul(const TensorView& x, const TensorView& out, cudaStream_t strea
   ENGINE_CHECK(n <= 65535, op, "at most 65535 rows per call, got " + std::to_string(n));
   const int threads = 256;
   dim3 grid(static_cast<unsigned>((d + threads - 1) / threads), static_cast<unsigned>(n));
-  launch_kernel(silu_and_mul_kernel, grid, threads, 0, stream, x.ptr<float>(), x.stride(0), out.ptr<float>(),
-                                                    out.stride(0), d);
+  launch_kernel(silu_and_mul_kernel, grid, threads, 0, stream, x.ptr<float>(), x.stride(0),
+                out.ptr<float>(), out.stride(0), d);
   check_launch(op);
 }
 

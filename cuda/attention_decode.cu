@@ -18,8 +18,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "common.cuh"
 #include "attention.cuh"
+#include "common.cuh"
 
 namespace engine_cuda {
 namespace attention {
@@ -59,7 +59,7 @@ constexpr int min_blocks() { return GMAX >= 8 ? 3 : (GMAX >= 4 ? 4 : 5); }
 template <typename T, int D, int GMAX>
 __global__ void __launch_bounds__(kThreads, min_blocks<GMAX>())
     decode_kernel(Params p, int num_chunks, int num_splits,
-                  float* __restrict__ part_ml,    // [num_tokens, num_q_heads, num_splits, 2]
+                  float* __restrict__ part_ml,     // [num_tokens, num_q_heads, num_splits, 2]
                   float* __restrict__ part_acc) {  // [num_tokens, num_q_heads, num_splits, D]
   pdl_begin();
   constexpr int LPK = D / kEpl;        // lanes per key: 8 (D = 64) or 16 (D = 128)
@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, min_blocks<GMAX>())
 template <int D>
 __global__ void __launch_bounds__(D)
     merge_kernel(Params p, int num_splits,
-                 const float* __restrict__ part_ml,    // [num_tokens, num_q_heads, num_splits, 2]
+                 const float* __restrict__ part_ml,     // [num_tokens, num_q_heads, num_splits, 2]
                  const float* __restrict__ part_acc) {  // [num_tokens, num_q_heads, num_splits, D]
   pdl_begin();
   const int64_t token = blockIdx.x, head = blockIdx.y;
@@ -230,8 +230,8 @@ void launch_split(const Params& p, int num_splits, float* scratch, cudaStream_t 
   float* part_acc =
       scratch ? scratch + 2 * static_cast<int64_t>(p.num_tokens) * p.num_q_heads * num_splits
               : nullptr;
-  launch_kernel(decode_kernel<T, D, GMAX>, grid, kThreads, 0, stream, p, num_chunks, num_splits, part_ml,
-                                                           part_acc);
+  launch_kernel(decode_kernel<T, D, GMAX>, grid, kThreads, 0, stream, p, num_chunks, num_splits,
+                part_ml, part_acc);
   if (num_splits > 1) {
     const dim3 merge_grid(static_cast<unsigned>(p.num_tokens),
                           static_cast<unsigned>(p.num_q_heads));

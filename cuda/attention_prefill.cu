@@ -15,8 +15,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "common.cuh"
 #include "attention.cuh"
+#include "common.cuh"
 #include "cuda_ops.h"
 
 namespace engine_cuda {

@@ -56,17 +56,17 @@ using engine::check_nonempty_row_contiguous;
 // the next kernel's blocks be scheduled as this one's retire. The overlap hides the gap
 // between dependent launches; the order of memory effects is exactly that of plain launches.
 // Before sm_90 both instructions are absent and launches are plain.
-// Weights that no kernel writes may be fetched before pdl_begin(): this pulls the line
-// holding p into L2 while the kernel before is finishing.
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-}
-
 __device__ __forceinline__ void pdl_begin() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
   asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
+}
+
+// Weights that no kernel writes may be fetched before pdl_begin(): this pulls the line
+// holding p into L2 while the kernel before is finishing.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
 
 // kernel<<<grid, block, smem, stream>>>(args...), with programmatic_launch() applied. A

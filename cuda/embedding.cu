@@ -31,8 +31,8 @@ void launch(const TensorView& ids, const TensorView& table, const TensorView& ou
             cudaStream_t stream) {
   const int64_t n = ids.size(0), hidden = table.size(1);
   launch_kernel(embedding_kernel<T>, static_cast<unsigned>(n), row_threads(hidden, 256), 0, stream,
-      ids.ptr<int32_t>(), ids.stride(0), table.ptr<T>(), table.stride(0), table.size(0),
-      out.ptr<float>(), out.stride(0), hidden);
+                ids.ptr<int32_t>(), ids.stride(0), table.ptr<T>(), table.stride(0), table.size(0),
+                out.ptr<float>(), out.stride(0), hidden);
 }
 
 }  // namespace

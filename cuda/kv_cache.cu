@@ -93,9 +93,9 @@ void launch_copy(const TensorView& k_cache, const TensorView& v_cache, const Ten
   int64_t chunks = (block_vecs + threads - 1) / threads;
   if (chunks > 64) chunks = 64;
   dim3 grid(static_cast<unsigned>(src.size(0)), static_cast<unsigned>(chunks), 2);
-  launch_kernel(kv_cache_copy_kernel<V>, grid, threads, 0, stream,
-      static_cast<V*>(k_cache.data), static_cast<V*>(v_cache.data), src.ptr<int32_t>(),
-      dst.ptr<int32_t>(), src.stride(0), dst.stride(0), k_cache.size(0), block_vecs);
+  launch_kernel(kv_cache_copy_kernel<V>, grid, threads, 0, stream, static_cast<V*>(k_cache.data),
+                static_cast<V*>(v_cache.data), src.ptr<int32_t>(), dst.ptr<int32_t>(),
+                src.stride(0), dst.stride(0), k_cache.size(0), block_vecs);
 }
 
 }  // namespace
@@ -130,17 +130,17 @@ void kv_cache_write(const TensorView& k, const TensorView& v, const TensorView& 
   const int threads = row_size >= 256 ? 256 : static_cast<int>((row_size + 31) / 32 * 32);
   const unsigned grid = static_cast<unsigned>(num_tokens);
   if (k_cache.dtype == DType::f32) {
-    launch_kernel(kv_cache_write_kernel<float>, grid, threads, 0, stream,
-        k.ptr<float>(), v.ptr<float>(), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-        v.stride(1), v.stride(2), k_cache.ptr<float>(), v_cache.ptr<float>(),
-        slot_mapping.ptr<int32_t>(), slot_mapping.stride(0), num_slots,
-        static_cast<int>(num_kv_heads), static_cast<int>(head_dim));
+    launch_kernel(kv_cache_write_kernel<float>, grid, threads, 0, stream, k.ptr<float>(),
+                  v.ptr<float>(), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+                  v.stride(2), k_cache.ptr<float>(), v_cache.ptr<float>(),
+                  slot_mapping.ptr<int32_t>(), slot_mapping.stride(0), num_slots,
+                  static_cast<int>(num_kv_heads), static_cast<int>(head_dim));
   } else {
-    launch_kernel(kv_cache_write_kernel<__nv_bfloat16>, grid, threads, 0, stream,
-        k.ptr<float>(), v.ptr<float>(), k.stride(0), k.stride(1), k.stride(2), v.stride(0),
-        v.stride(1), v.stride(2), k_cache.ptr<__nv_bfloat16>(), v_cache.ptr<__nv_bfloat16>(),
-        slot_mapping.ptr<int32_t>(), slot_mapping.stride(0), num_slots,
-        static_cast<int>(num_kv_heads), static_cast<int>(head_dim));
+    launch_kernel(kv_cache_write_kernel<__nv_bfloat16>, grid, threads, 0, stream, k.ptr<float>(),
+                  v.ptr<float>(), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1),
+                  v.stride(2), k_cache.ptr<__nv_bfloat16>(), v_cache.ptr<__nv_bfloat16>(),
+                  slot_mapping.ptr<int32_t>(), slot_mapping.stride(0), num_slots,
+                  static_cast<int>(num_kv_heads), static_cast<int>(head_dim));
   }
   check_launch(op);
 }

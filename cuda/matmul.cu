@@ -111,9 +111,9 @@ template <typename W, bool kRoundX>
 void launch_tiled_for(const MatmulArgs& a, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>((a.out_features + kTile - 1) / kTile),
                   static_cast<unsigned>((a.num_tokens + kTile - 1) / kTile));
-  launch_kernel(tiled_kernel<W, kRoundX>, grid, kTiledThreads, 0, stream,
-      a.x, a.x_stride, static_cast<const W*>(a.w), a.bias, a.out, a.out_stride, a.num_tokens,
-      a.out_features, a.in_features);
+  launch_kernel(tiled_kernel<W, kRoundX>, grid, kTiledThreads, 0, stream, a.x, a.x_stride,
+                static_cast<const W*>(a.w), a.bias, a.out, a.out_stride, a.num_tokens,
+                a.out_features, a.in_features);
 }
 
 void launch_tiled(const MatmulArgs& a, cudaStream_t stream) {
@@ -169,8 +169,8 @@ split_reduce_kernel(const float* __restrict__ partial,  // [splits, M, N] contig
 void launch_fill_bias(const MatmulArgs& a, cudaStream_t stream) {
   const int64_t total = a.num_tokens * a.out_features;
   const int64_t blocks = std::min<int64_t>((total + 255) / 256, 4096);
-  launch_kernel(fill_bias_kernel, static_cast<unsigned>(blocks), 256, 0, stream,
-      a.bias, a.out, a.out_stride, a.num_tokens, a.out_features);
+  launch_kernel(fill_bias_kernel, static_cast<unsigned>(blocks), 256, 0, stream, a.bias, a.out,
+                a.out_stride, a.num_tokens, a.out_features);
 }
 
 void launch_split_reduce(const MatmulArgs& a, const float* partial, int64_t splits,
@@ -178,8 +178,7 @@ void launch_split_reduce(const MatmulArgs& a, const float* partial, int64_t spli
   const dim3 grid(static_cast<unsigned>((a.out_features + 255) / 256),
                   static_cast<unsigned>(std::min<int64_t>(a.num_tokens, 65535)));
   launch_kernel(split_reduce_kernel, grid, 256, 0, stream, partial, a.bias, a.out, a.out_stride,
-                                                a.num_tokens, a.out_features,
-                                                static_cast<int>(splits));
+                a.num_tokens, a.out_features, static_cast<int>(splits));
 }
 
 int sm_count() {

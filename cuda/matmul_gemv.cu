@@ -136,9 +136,9 @@ gemv_kernel(const float* __restrict__ x,     // [M, K], row stride x_stride (mul
 template <typename W, int M>
 void launch_gemv_for(const MatmulArgs& a, cudaStream_t stream) {
   const int64_t num_blocks = (a.out_features + kRows - 1) / kRows;
-  launch_kernel(gemv_kernel<W, M>, static_cast<unsigned>(num_blocks), kThreads, 0, stream,
-      a.x, a.x_stride, static_cast<const uint4*>(a.w), a.bias, a.out, a.out_stride,
-      a.out_features, a.in_features / 8);
+  launch_kernel(gemv_kernel<W, M>, static_cast<unsigned>(num_blocks), kThreads, 0, stream, a.x,
+                a.x_stride, static_cast<const uint4*>(a.w), a.bias, a.out, a.out_stride,
+                a.out_features, a.in_features / 8);
 }
 
 template <typename W>

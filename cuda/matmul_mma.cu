@@ -257,9 +257,9 @@ void launch_mma_for(const MatmulArgs& a, const MmaPlan& p, float* partial,
   (void)configured;
 
   const dim3 grid(static_cast<unsigned>(p.ctas), 1, static_cast<unsigned>(p.splits));
-  launch_kernel(mma_kernel<W, BM, WN>, grid, kThreads, kSmemBytes, stream,
-      a.x, a.x_stride, static_cast<const W*>(a.w), a.bias, a.out, a.out_stride, partial,
-      a.num_tokens, a.out_features, a.in_features, static_cast<int>(p.tiles_per_split));
+  launch_kernel(mma_kernel<W, BM, WN>, grid, kThreads, kSmemBytes, stream, a.x, a.x_stride,
+                static_cast<const W*>(a.w), a.bias, a.out, a.out_stride, partial, a.num_tokens,
+                a.out_features, a.in_features, static_cast<int>(p.tiles_per_split));
 }
 
 template <typename W>

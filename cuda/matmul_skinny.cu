@@ -266,15 +266,16 @@ void launch_skinny_for(const MatmulArgs& a, const SkinnyPlan& p, void* scratch,
                        : nullptr;
   const int K = static_cast<int>(a.in_features);
   const int64_t vec_blocks = std::min<int64_t>((K / 8 + 255) / 256, 64);
-  launch_kernel(round_x_kernel<W>, dim3(static_cast<unsigned>(vec_blocks),
-                           static_cast<unsigned>(a.num_tokens)), 256, 0, stream, a.x, a.x_stride, xh, K);
+  launch_kernel(round_x_kernel<W>,
+                dim3(static_cast<unsigned>(vec_blocks), static_cast<unsigned>(a.num_tokens)), 256,
+                0, stream, a.x, a.x_stride, xh, K);
 
   const dim3 grid(static_cast<unsigned>(p.m_tiles * p.n_tiles), 1,
                   static_cast<unsigned>(p.splits));
-  launch_kernel(skinny_kernel<W, BM>, grid, kThreads, kSmem, stream,
-      xh, static_cast<const W*>(a.w), a.bias, a.out, a.out_stride, partial,
-      static_cast<int>(a.num_tokens), a.out_features, K, static_cast<int>(p.m_tiles),
-      static_cast<int>(p.tiles_per_split));
+  launch_kernel(skinny_kernel<W, BM>, grid, kThreads, kSmem, stream, xh, static_cast<const W*>(a.w),
+                a.bias, a.out, a.out_stride, partial, static_cast<int>(a.num_tokens),
+                a.out_features, K, static_cast<int>(p.m_tiles),
+                static_cast<int>(p.tiles_per_split));
   if (p.splits > 1) launch_split_reduce(a, partial, p.splits, stream);
 }
 

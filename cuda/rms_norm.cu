@@ -38,8 +38,8 @@ __global__ void rms_norm_kernel(const float* x, int64_t x_stride, float* residua
 template <typename W>
 void launch(const float* x, int64_t xs, float* r, int64_t rs, const void* w, float* out,
             int64_t os, int64_t rows, int64_t hidden, double eps, cudaStream_t stream) {
-  launch_kernel(rms_norm_kernel<W>, static_cast<unsigned>(rows), row_threads(hidden, 512), 0, stream,
-      x, xs, r, rs, static_cast<const W*>(w), out, os, hidden, eps);
+  launch_kernel(rms_norm_kernel<W>, static_cast<unsigned>(rows), row_threads(hidden, 512), 0,
+                stream, x, xs, r, rs, static_cast<const W*>(w), out, os, hidden, eps);
 }
 
 void run(const char* op, const TensorView& x, const TensorView* residual,

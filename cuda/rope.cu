@@ -66,8 +66,8 @@ void rope(const TensorView& positions, const TensorView& q, const TensorView& k,
   const int64_t half = rotary_dim / 2;
   const int threads = row_threads((qh.num_heads + kh.num_heads) * half, 512);
   launch_kernel(rope_kernel, static_cast<unsigned>(num_tokens), threads, 0, stream,
-      positions.ptr<int32_t>(), positions.stride(0), qh, kh, cos_sin_cache.ptr<float>(),
-      cos_sin_cache.stride(0), max_position, half);
+                positions.ptr<int32_t>(), positions.stride(0), qh, kh, cos_sin_cache.ptr<float>(),
+                cos_sin_cache.stride(0), max_position, half);
   check_launch(op);
 }
 

@@ -113,8 +113,9 @@ inline void tile(const uint8_t* const (&rows)[R], const RowTable* tables, int64_
         }
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r)
-        dot[r] = _mm512_add_epi32(_mm512_mullo_epi32(d0[r], _mm512_set1_epi32(tables[r].sc6[i][0])),
-                                  _mm512_mullo_epi32(d1[r], _mm512_set1_epi32(tables[r].sc6[i][1])));
+        dot[r] =
+            _mm512_add_epi32(_mm512_mullo_epi32(d0[r], _mm512_set1_epi32(tables[r].sc6[i][0])),
+                             _mm512_mullo_epi32(d1[r], _mm512_set1_epi32(tables[r].sc6[i][1])));
     } else {
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) dot[r] = seed_lo;
