@@ -10,11 +10,16 @@ dequantised; and a random Llama of 1.07B parameters (hidden 2048, 16 layers, Lla
 shape with SmolLM2's vocabulary) as bf16 safetensors, converted to GGUF f16 and Q8_0 by the
 converter in the llama-cpp-python sdist, and to Q4_0 by llama.cpp's own quantiser.
 
-Every measurement runs in a fresh process (so peak RSS is its own), engines interleaved
-(engine, llama.cpp, engine, ...) because these machines drift; medians are printed, then
-ratios engine / llama.cpp. Same threads, same 512-token prompt, 128 greedy new tokens.
-llama-cpp-python is built with AMX off (GCC 12 miscompiles its _tile_loadconfig); it and
-the models live in ~/.cache/engine-bench (ENGINE_BENCH_DIR), never in CI.
+Batch 1 runs engine and llama.cpp in lockstep: two fresh worker processes load their model,
+prefill the same 512-token prompt in turns (3 times each, ABBA order), then decode in turns
+of about 0.1 s each (ABBA), with a 1 GiB copy timed between two turns. These machines drift by 30% and more within
+seconds, so separate runs minutes apart compare the machine's moods, not the engines; turns
+compare the engines under the same mood, and the copies give the bandwidth roofline of those
+same seconds. Each of --repeats such pairs is a fresh pair of processes (so peak RSS is each
+one's own); medians are printed, then ratios engine / llama.cpp. Same threads, same prompt,
+128 greedy new tokens. llama-cpp-python is built with AMX off (GCC 12 miscompiles its
+_tile_loadconfig); it and the models live in ~/.cache/engine-bench (ENGINE_BENCH_DIR), never
+in CI.
 """
 
 from __future__ import annotations
@@ -37,18 +42,93 @@ import bench_cpu_setup as setup  # noqa: E402
 PEERS = ("engine", "llama.cpp")
 
 
+def worker_cmd(runner: str, model: str, threads: int, args, batch: int = 1) -> list[str]:
+    return [sys.executable, str(Path(__file__).parent / "bench_cpu_worker.py"), runner, model,
+            "--threads", str(threads), "--prompt-len", str(args.prompt_len),
+            "--new-tokens", str(args.new_tokens if batch == 1 else args.batch_new_tokens),
+            "--batch", str(batch), "--kv-cache-dtype", args.kv_cache_dtype]
+
+
+def worker_env(threads: int) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=setup.pythonpath())
+
+
 def run_worker(runner: str, model: str, threads: int, args, batch: int = 1) -> dict:
     """One measurement in a fresh process; returns its JSON result."""
-    cmd = [sys.executable, str(Path(__file__).parent / "bench_cpu_worker.py"), runner, model,
-           "--threads", str(threads), "--prompt-len", str(args.prompt_len),
-           "--new-tokens", str(args.new_tokens if batch == 1 else args.batch_new_tokens),
-           "--batch", str(batch), "--kv-cache-dtype", args.kv_cache_dtype]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=setup.pythonpath())
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    done = subprocess.run(worker_cmd(runner, model, threads, args, batch), env=worker_env(threads),
+                          capture_output=True, text=True, timeout=1800)
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode != 0 or not lines:
         raise SystemExit(f"{runner} on {model} failed:\n{done.stderr[-3000:]}")
     return json.loads(lines[-1])
+
+
+class Lockstep:
+    """A --lockstep worker: loaded and warmed up, it prefills or decodes when told."""
+
+    def __init__(self, runner: str, model: str, threads: int, args):
+        self.name = runner
+        self.proc = subprocess.Popen(worker_cmd(runner, model, threads, args) + ["--lockstep"],
+                                     env=worker_env(threads), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.reply()  # {"ready": true}: loaded and warmed up
+
+    def reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        while line and not line.startswith("{"):
+            line = self.proc.stdout.readline()
+        if not line:
+            self.proc.kill()
+            raise SystemExit(f"{self.name} lockstep worker failed:\n{self.proc.stderr.read()[-3000:]}")
+        return json.loads(line)
+
+    def tell(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.reply()
+
+    def end(self) -> dict:
+        result = self.tell("end")
+        self.proc.wait(timeout=600)
+        return result
+
+
+def copy_probe(buffers: tuple[np.ndarray, np.ndarray], threads: int) -> tuple[int, float]:
+    """(bytes, seconds) of one copy, read + written: a sample of the bandwidth right now."""
+    src, dst = buffers
+    t0 = time.perf_counter()
+    setup.parallel_copy(dst, src, threads)
+    return 2 * src.nbytes, time.perf_counter() - t0
+
+
+def lockstep(case: dict, args) -> dict:
+    """engine and llama.cpp in turns (ABBA order): --prefills prefills each, then batch-1
+    decode in turns of about 0.1 s, with a copy-bandwidth sample between two turns. All see the
+    same seconds of the machine. Returns each runner's result (prefill and decode tok/s over
+    its turns), the decode turns and the copy rate between them."""
+    workers = [Lockstep(runner, case[runner], args.threads, args) for runner in PEERS]
+
+    def turns(command: str, index: int) -> dict:
+        order = workers if index % 2 == 0 else workers[::-1]
+        return {w.name: w.tell(command)["seconds"] for w in order}
+
+    for i in range(args.prefills):
+        turns("prefill", i)
+    first = [w.tell("1")["seconds"] for w in workers]
+    steps = max(1, round(0.1 / max(first)))
+    left, decode_turns, copies = args.new_tokens - 1, [], []
+    buffers = (np.ones(1 << 30, np.uint8), np.ones(1 << 30, np.uint8))  # as copy_bandwidth
+    while left > 0:
+        n = min(steps, left)
+        order = workers if len(decode_turns) % 2 == 0 else workers[::-1]
+        turn = {order[0].name: order[0].tell(str(n))["seconds"]}
+        copies.append(copy_probe(buffers, args.threads))
+        turn[order[1].name] = order[1].tell(str(n))["seconds"]
+        decode_turns.append(dict(tokens=n, **turn))
+        left -= n
+    results = {w.name: w.end() for w in workers}
+    copy_rate = sum(b for b, _ in copies) / sum(s for _, s in copies)
+    return dict(results=results, turns=decode_turns, copy_bandwidth=copy_rate)
 
 
 def median(results: list[dict], key: str) -> float:
@@ -57,16 +137,20 @@ def median(results: list[dict], key: str) -> float:
 
 def measure(args) -> dict:
     cases = setup.cases(args.models.split(","))
-    results: dict = {"cases": {}, "batched": {}, "bandwidth": []}
+    results: dict = {"cases": {}, "lockstep": {}, "batched": {}, "bandwidth": []}
     results["bandwidth"].append(setup.copy_bandwidth(args.threads))
     for repeat in range(args.repeats):
         for name, case in cases.items():
-            for runner in PEERS:
-                out = run_worker(runner, case[runner], args.threads, args)
+            pair = lockstep(case, args)
+            results["lockstep"].setdefault(name, []).append(
+                dict(turns=pair["turns"], copy_bandwidth=pair["copy_bandwidth"]))
+            for runner, out in pair["results"].items():
                 results["cases"].setdefault(name, {}).setdefault(runner, []).append(out)
                 print(f"[{repeat + 1}/{args.repeats}] {name:16s} {runner:12s} prefill "
                       f"{out['prefill_tps']:8.1f}  decode {out['decode_tps']:7.2f} tok/s  "
                       f"rss {out['peak_rss'] / 2**20:7.0f} MiB", flush=True)
+            print(f"[{repeat + 1}/{args.repeats}] {name:16s} {len(pair['turns'])} turns each, copy "
+                  f"{pair['copy_bandwidth'] / 1e9:.1f} GB/s between them", flush=True)
             peer = case.get("transformers")
             if peer and not args.no_transformers and repeat < args.peer_repeats:
                 out = run_worker("transformers", peer, args.threads, args)
@@ -94,33 +178,44 @@ def report(results: dict, args) -> None:
     print(f"machine: {setup.machine_line()}")
     print(f"versions: {first['versions']}, llama-cpp-python {setup.llama_cpp_version()}")
     print(f"{args.threads} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
-          f"greedy, batch 1, median of {args.repeats} interleaved runs (fresh process each); "
+          f"greedy, batch 1, median of {args.repeats} runs (fresh processes each); engine and "
+          f"llama.cpp prefill ({args.prefills} each) and decode (~0.1 s each) in turns, ABBA, "
+          f"a 1 GiB copy timed between two decode turns; "
           f"KV cache: engine {args.kv_cache_dtype}, llama.cpp f16 (its default)")
-    print(f"copy bandwidth (read + write), {args.threads} threads: {bandwidth / 1e9:.1f} GB/s")
+    print(f"copy bandwidth (read + write), {args.threads} threads, best of 3 at the start and "
+          f"end: {bandwidth / 1e9:.1f} GB/s; between the decode turns (median over runs) "
+          f"the roofline column")
     header = (f"{'model':16s}{'runner':14s}{'prefill tok/s':>14s}{'decode tok/s':>14s}"
-              f"{'peak RSS MiB':>14s}{'weights GB/s':>14s}")
+              f"{'peak RSS MiB':>14s}{'weights GB/s':>14s}{'copy GB/s':>11s}")
     print(header)
     ratio_lines = []
     for name, by_runner in results["cases"].items():
         row = {}
         weight_bytes = by_runner["engine"][0]["weight_bytes_per_token"]  # the same weights
+        copies = [run["copy_bandwidth"] for run in results.get("lockstep", {}).get(name, [])]
+        copy = statistics.median(copies) if copies else bandwidth
         for runner, runs in by_runner.items():
             prefill, decode = median(runs, "prefill_tps"), median(runs, "decode_tps")
             rss = median(runs, "peak_rss")
             gbps = decode * weight_bytes / 1e9 if runner != "transformers" else float("nan")
             row[runner] = (prefill, decode, rss, gbps)
             print(f"{name:16s}{runner:14s}{prefill:14.1f}{decode:14.2f}{rss / 2**20:14.0f}"
-                  f"{gbps:14.1f}")
+                  f"{gbps:14.1f}{copy / 1e9:11.1f}")
         if "llama.cpp" in row:
             e, l = row["engine"], row["llama.cpp"]
-            # each engine run and the llama.cpp run right after it, as a pair
+            # each run's engine against the llama.cpp that decoded in turns with it
             paired = statistics.median(a["decode_tps"] / b["decode_tps"]
                                        for a, b in zip(by_runner["engine"], by_runner["llama.cpp"]))
+            if copies:  # each run's weight rate against the copies timed between its turns
+                roof = [statistics.median(run[runner]["decode_tps"] * weight_bytes / c
+                                          for run, c in zip(by_runner_runs(by_runner), copies))
+                        for runner in ("engine", "llama.cpp")]
+            else:
+                roof = [e[3] * 1e9 / bandwidth, l[3] * 1e9 / bandwidth]
             ratio_lines.append(f"{name:16s} engine/llama.cpp: prefill {e[0] / l[0]:.2f}x, decode "
                                f"{e[1] / l[1]:.2f}x (paired runs: {paired:.2f}x), peak RSS "
-                               f"{e[2] / l[2]:.2f}x; decode reads "
-                               f"weights at {e[3] / (bandwidth / 1e9):.0%} (engine), "
-                               f"{l[3] / (bandwidth / 1e9):.0%} (llama.cpp) of the copy bandwidth")
+                               f"{e[2] / l[2]:.2f}x; decode reads weights at {roof[0]:.0%} "
+                               f"(engine), {roof[1]:.0%} (llama.cpp) of the copy bandwidth")
     for name, by_batch in results["batched"].items():
         for batch, runs in sorted(by_batch.items()):
             tps = median(runs, "decode_tps")
@@ -131,6 +226,12 @@ def report(results: dict, args) -> None:
     print()
     for line in ratio_lines:
         print(line)
+
+
+def by_runner_runs(by_runner: dict) -> list[dict]:
+    """The runs of one case as a list of {runner: result} (the i-th run of each runner)."""
+    return [dict(zip(("engine", "llama.cpp"), pair))
+            for pair in zip(by_runner["engine"], by_runner["llama.cpp"])]
 
 
 def plot(results: dict, path: str) -> None:
@@ -172,6 +273,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--prefills", type=int, default=3,
+                        help="prefills of the prompt per engine and pair, in turns")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peer-repeats", type=int, default=1, help="transformers runs per case")
     parser.add_argument("--no-transformers", action="store_true")

@@ -56,19 +56,24 @@ def llama_cpp_version() -> str:
     return dist[0].name[:-len(".dist-info")].split("-")[1] if dist else "missing"
 
 
+def parallel_copy(dst: np.ndarray, src: np.ndarray, threads: int) -> None:
+    """dst[:] = src, split into `threads` spans copied at once (np.copyto releases the GIL)."""
+    step = len(src) // threads
+    spans = [(i * step, len(src) if i == threads - 1 else (i + 1) * step) for i in range(threads)]
+    workers = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in spans]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+
+
 def copy_bandwidth(threads: int, size: int = 1 << 30) -> float:
     """Bytes read + written per second by `threads` threads copying 1 GiB, best of 3."""
     src, dst = np.ones(size, np.uint8), np.ones(size, np.uint8)  # both already touched
-    step = size // threads
-    spans = [(i * step, size if i == threads - 1 else (i + 1) * step) for i in range(threads)]
     best = 0.0
     for _ in range(3):
-        workers = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in spans]
         t0 = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
+        parallel_copy(dst, src, threads)
         best = max(best, 2 * size / (time.perf_counter() - t0))
     return best
 

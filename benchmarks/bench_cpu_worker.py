@@ -2,13 +2,20 @@
 
     python benchmarks/bench_cpu_worker.py {engine,llama.cpp,transformers} MODEL
         [--threads 2] [--prompt-len 512] [--new-tokens 128] [--batch 1]
-        [--kv-cache-dtype float16]
+        [--kv-cache-dtype float16] [--lockstep]
 
 batch 1: prefill tok/s (one step over the whole prompt) and decode tok/s (every token after
 the first). batch N (engine only): N sequences of 32-token prompts, decode tok/s over the
 steps after their prefill, and just before, in the same process, one such sequence alone
 (batch1_decode_tps): the ratio of the two is paired, not split across minutes of drift.
 Peak RSS is this process's (ru_maxrss).
+
+--lockstep (engine, llama.cpp; batch 1): after the warm-up the worker prints {"ready": true}
+and then works on command, one line on stdin each: "prefill" starts the prompt afresh (any
+earlier one is dropped) and answers {"seconds": ...}; "N" decodes N tokens of the latest
+prompt and answers the same; "end" prints the final result (prefill tok/s over every
+prefill, decode tok/s over every decoded token). bench_cpu.py drives two such workers in
+turn, so that both engines run through the same seconds of a drifting machine.
 """
 
 from __future__ import annotations
@@ -52,77 +59,135 @@ def engine_weight_bytes(model) -> int:
     return total
 
 
-def run_engine(args) -> dict:
-    import engine
-    from engine import LLM, SamplingParams, ops
+class EngineRunner:
+    """engine's offline engine, stepped by hand: one step() is the prefill or one token."""
 
-    batch = args.batch
-    seq_len = (args.prompt_len if batch == 1 else 32) + args.new_tokens + 16
-    llm = LLM(args.model, max_model_len=seq_len, skip_tokenizer_init=True,
-              enable_prefix_caching=False, max_num_seqs=max(batch, 1),
-              num_kv_blocks=batch * (-(-seq_len // 16)) + 1, kv_cache_dtype=args.kv_cache_dtype)
-    eng = llm.engine
+    def __init__(self, args):
+        import engine
+        from engine import LLM, ops
 
-    def run(prompts, new_tokens):
-        params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
-        for i, ids in enumerate(prompts):
-            eng.add_request(f"{time.time()}-{i}", {"prompt_token_ids": ids}, params)
+        batch = args.batch
+        seq_len = (args.prompt_len if batch == 1 else 32) + args.new_tokens + 16
+        llm = LLM(args.model, max_model_len=seq_len, skip_tokenizer_init=True,
+                  enable_prefix_caching=False, max_num_seqs=max(batch, 1),
+                  num_kv_blocks=batch * (-(-seq_len // 16)) + 1,
+                  kv_cache_dtype=args.kv_cache_dtype)
+        self.eng = llm.engine
+        self.requests: list[str] = []
+        self.info = dict(
+            weight_bytes_per_token=engine_weight_bytes(self.eng.model),
+            versions=f"engine {engine.__version__} (ISA {ops.isa()}, quantised kernels "
+                     f"{ops.quant_kernel()}), numpy {np.__version__}, python "
+                     f"{platform.python_version()}")
+
+    def start(self, prompts: list[list[int]], new_tokens: int) -> float:
+        """Adds the prompts (new_tokens to decode after the prefill's), dropping any earlier
+        ones; times the prefill."""
+        from engine import SamplingParams
+
+        for request_id in self.requests:
+            self.eng.abort_request(request_id)
+        params = SamplingParams(temperature=0.0, max_tokens=new_tokens + 1, ignore_eos=True)
+        self.requests = [f"{time.time()}-{i}" for i in range(len(prompts))]
+        for request_id, ids in zip(self.requests, prompts):
+            self.eng.add_request(request_id, {"prompt_token_ids": ids}, params)
         t0 = time.perf_counter()
-        eng.step()  # every prompt in one step (<= max_num_batched_tokens)
-        t1 = time.perf_counter()
-        while eng.has_unfinished_requests():
-            eng.step()
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
+        self.eng.step()  # every prompt in one step (<= max_num_batched_tokens)
+        return time.perf_counter() - t0
 
-    run([prompt_ids(32, 99)], 8)  # warm up: first touches of weights and buffers
-    if batch == 1:
-        prefill, decode = run([prompt_ids(args.prompt_len)], args.new_tokens + 1)
-        prefill_tps = args.prompt_len / prefill
-        single = {}
-    else:
-        _, alone = run([prompt_ids(32, batch)], args.new_tokens + 1)
-        single = dict(batch1_decode_tps=args.new_tokens / alone)
-        prefill, decode = run([prompt_ids(32, s) for s in range(batch)], args.new_tokens + 1)
-        prefill_tps = 32 * batch / prefill
-    return dict(prefill_tps=prefill_tps, decode_tps=batch * args.new_tokens / decode, **single,
-                weight_bytes_per_token=engine_weight_bytes(eng.model),
-                versions=f"engine {engine.__version__} (ISA {ops.isa()}, quantised kernels "
-                         f"{ops.quant_kernel()}), numpy {np.__version__}, python "
-                         f"{platform.python_version()}")
+    def decode(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.eng.step()
+        return time.perf_counter() - t0
+
+    def finish(self) -> None:
+        while self.eng.has_unfinished_requests():
+            self.eng.step()
+        self.requests = []
 
 
 # ---- llama.cpp -----------------------------------------------------------------------------
 
-def run_llama_cpp(args) -> dict:
-    import llama_cpp
+class LlamaCppRunner:
+    """llama-cpp-python's low-level loop: eval the prompt, then one token at a time."""
 
-    n_ctx = args.prompt_len + args.new_tokens + 16
-    llm = llama_cpp.Llama(model_path=args.model, n_ctx=n_ctx, n_batch=args.prompt_len,
-                          n_ubatch=args.prompt_len, n_threads=args.threads,
-                          n_threads_batch=args.threads, verbose=False)
+    def __init__(self, args):
+        import llama_cpp
 
-    n_vocab = llm.n_vocab()
+        n_ctx = args.prompt_len + args.new_tokens + 16
+        self.llm = llama_cpp.Llama(model_path=args.model, n_ctx=n_ctx, n_batch=args.prompt_len,
+                                   n_ubatch=args.prompt_len, n_threads=args.threads,
+                                   n_threads_batch=args.threads, verbose=False)
+        self.n_vocab = self.llm.n_vocab()
+        self.token = 0
+        self.info = dict(weight_bytes_per_token=0,
+                         versions=f"llama-cpp-python {llama_cpp.__version__}")
 
-    def greedy():  # the logits of the batch's last token (logits_all is off)
-        return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))))
+    def greedy(self) -> int:  # the logits of the batch's last token (logits_all is off)
+        logits = np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,))
+        return int(np.argmax(logits))
 
-    def run(ids, new_tokens):
-        llm.reset()
+    def start(self, prompts: list[list[int]], new_tokens: int) -> float:
+        (ids,) = prompts
+        self.llm.reset()
         t0 = time.perf_counter()
-        llm.eval(ids)
-        token = greedy()
-        t1 = time.perf_counter()
-        for _ in range(new_tokens):
-            llm.eval([token])
-            token = greedy()
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1
+        self.llm.eval(ids)
+        self.token = self.greedy()
+        return time.perf_counter() - t0
 
-    run(prompt_ids(32, 99), 8)
-    prefill, decode = run(prompt_ids(args.prompt_len), args.new_tokens)
-    return dict(prefill_tps=args.prompt_len / prefill, decode_tps=args.new_tokens / decode,
-                weight_bytes_per_token=0, versions=f"llama-cpp-python {llama_cpp.__version__}")
+    def decode(self, steps: int) -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            self.llm.eval([self.token])
+            self.token = self.greedy()
+        return time.perf_counter() - t0
+
+    def finish(self) -> None:
+        pass
+
+
+def run_batch1(runner, args) -> dict:
+    runner.start([prompt_ids(32, 99)], 8)  # warm up: first touches of weights and buffers
+    runner.decode(8)
+    runner.finish()
+    prompt = [prompt_ids(args.prompt_len)]
+    if not args.lockstep:
+        prefill_s, prefills = runner.start(prompt, args.new_tokens), 1
+        decode_s, tokens = runner.decode(args.new_tokens), args.new_tokens
+    else:
+        print(json.dumps(dict(ready=True)), flush=True)
+        prefill_s = decode_s = 0.0
+        prefills = tokens = 0
+        for line in sys.stdin:
+            command = line.strip()
+            if command == "end":
+                break
+            if command == "prefill":
+                seconds = runner.start(prompt, args.new_tokens)
+                prefill_s, prefills = prefill_s + seconds, prefills + 1
+            else:
+                seconds = runner.decode(int(command))
+                decode_s, tokens = decode_s + seconds, tokens + int(command)
+            print(json.dumps(dict(seconds=seconds)), flush=True)
+    runner.finish()
+    return dict(prefill_tps=prefills * args.prompt_len / prefill_s, decode_tps=tokens / decode_s,
+                **runner.info)
+
+
+def run_engine_batched(runner, args) -> dict:
+    """N sequences decoded together, against one sequence alone just before."""
+    batch = args.batch
+    runner.start([prompt_ids(32, 99)], 8)
+    runner.finish()
+    runner.start([prompt_ids(32, batch)], args.new_tokens)
+    alone = runner.decode(args.new_tokens)
+    runner.finish()
+    prefill = runner.start([prompt_ids(32, s) for s in range(batch)], args.new_tokens)
+    decode = runner.decode(args.new_tokens)
+    runner.finish()
+    return dict(prefill_tps=32 * batch / prefill, decode_tps=batch * args.new_tokens / decode,
+                batch1_decode_tps=args.new_tokens / alone, **runner.info)
 
 
 # ---- transformers --------------------------------------------------------------------------
@@ -158,11 +223,17 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--kv-cache-dtype", default="float16", help="engine's KV cache")
+    parser.add_argument("--lockstep", action="store_true", help="decode on stdin's commands")
     args = parser.parse_args()
-    run = {"engine": run_engine, "llama.cpp": run_llama_cpp, "transformers": run_transformers}
-    result = run[args.runner](args)
+    if args.runner == "transformers":
+        result = run_transformers(args)
+    else:
+        if args.batch > 1 and args.runner != "engine":
+            parser.error("--batch > 1 runs engine only")
+        runner = (EngineRunner if args.runner == "engine" else LlamaCppRunner)(args)
+        result = run_batch1(runner, args) if args.batch == 1 else run_engine_batched(runner, args)
     result["peak_rss"] = peak_rss()
-    print(json.dumps(result))
+    print(json.dumps(result), flush=True)
     return 0
 
 
