@@ -213,13 +213,17 @@ void Span<T>::fetch(int64_t stride, int64_t dim) const {
 // a part's first valid positions only (causal limits in prefill tiles).
 //
 // nx (or nullptr): the span computed next; the first row run of each KV head requests that
-// span's K and V lines of its head, a chunk at a time between this span's chunks, so that
-// they arrive while this span computes. A burst of the whole span's lines at once (what
+// span's K and V lines of its head, a chunk at a time between this span's chunks (the rest
+// at the end, where nx has more chunks), so that they arrive while this span computes. A burst of the whole span's lines at once (what
 // for_each_chunk's prefetch does) stalls once the misses outnumber the core's miss buffers,
 // and memory then waits for compute and compute for memory.
 template <int NV, int R, typename T>
 inline void span_rows(Rows& rw, int64_t i0, float scale, const Span<T>& sp, int64_t off,
                       int64_t stride, const Span<T>* nx) {
+  // nx's chunk c of this head, K or V (lines: nx->k or nx->v; nothing when null)
+  auto fetch_next = [&](const T* const* lines, int c) {
+    if (lines != nullptr && c < nx->parts) fetch_head(lines[c] + off, nx->n[c], stride, 16 * NV);
+  };
   alignas(64) float p[R][kParts][16];
   int64_t valid[R][kParts];
   float alpha[R];
@@ -238,8 +242,9 @@ inline void span_rows(Rows& rw, int64_t i0, float scale, const Span<T>& sp, int6
       n = max_i64(n, valid[r][c]);
     }
     if (n > 0) scores16_rows<NV, R>(q, sp.k[c] + off, stride, n, scores[c]);
-    if (nx != nullptr && c < nx->parts) fetch_head(nx->k[c] + off, nx->n[c], stride, 16 * NV);
+    fetch_next(nx != nullptr ? nx->k : nullptr, c);
   }
+  for (int c = sp.parts; nx != nullptr && c < nx->parts; ++c) fetch_next(nx->k, c);
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const int64_t i = i0 + r;
@@ -271,7 +276,10 @@ inline void span_rows(Rows& rw, int64_t i0, float scale, const Span<T>& sp, int6
     }
     rw.l[i] = rw.l[i] * alpha[r] + _mm512_reduce_add_ps(sum);
   }
-  if (!any) return;
+  if (!any) {
+    for (int c = 0; nx != nullptr && c < nx->parts; ++c) fetch_next(nx->v, c);
+    return;
+  }
   __m512 acc[R][NV];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
@@ -288,7 +296,7 @@ inline void span_rows(Rows& rw, int64_t i0, float scale, const Span<T>& sp, int6
       hi = max_i64(hi, valid[r][c]);
     }
     const T* v = sp.v[c] + off;
-    if (nx != nullptr && c < nx->parts) fetch_head(nx->v[c] + off, nx->n[c], stride, 16 * NV);
+    fetch_next(nx != nullptr ? nx->v : nullptr, c);
     for (int64_t j = 0; j < lo; ++j) {
       __m512 x[NV];
       // Loaded once for the R rows: without the barrier GCC folds the load into each
@@ -316,6 +324,7 @@ inline void span_rows(Rows& rw, int64_t i0, float scale, const Span<T>& sp, int6
       }
     }
   }
+  for (int c = sp.parts; nx != nullptr && c < nx->parts; ++c) fetch_next(nx->v, c);
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
@@ -376,7 +385,9 @@ void attend_item_fast(const Args& a, const Item& it, const Dest& d) {
   Span<T> after;
   if (it.next != nullptr) {
     const Item& nx = *it.next;
-    auto add = [&](int64_t pos, int64_t n, const T* k, const T* v) { after.add(pos, n, k, v); };
+    auto add = [&](int64_t pos, int64_t n, const T* k, const T* v) {
+      if (after.parts < kParts) after.add(pos, n, k, v);  // blocks under 16 make more chunks
+    };
     for_each_chunk<T, false>(a, nx, min_i64(nx.kv_end, nx.kv_begin + 16 * kParts), 16, add);
   }
   const Span<T>* last_fetch = after.parts > 0 ? &after : nullptr;

@@ -100,6 +100,11 @@ def test_matches_reference(isa, seqs, num_kv_heads, group, head_dim, block_size,
     ([(1000, 1), (300, 1)], 8, 4, 128, 16),      # decodes over 32 query heads (Llama-3.2-1B)
     ([(700, 1)], 8, 8, 64, 16),                  # 64 query heads: a decode item per KV head
     ([(900, 33)], 2, 4, 128, 16),                # a prefill chunk, head_dim 128
+    # Decode pieces chained on a thread, whose next piece starts over blocks under 16
+    # positions: more chunks than a span holds (a span overran once, writing past its end).
+    ([(5, 1), (50, 1), (300, 1)], 2, 4, 64, 1),
+    ([(40, 1), (3, 1), (260, 1), (70, 1)], 3, 3, 64, 2),
+    ([(700, 1), (129, 1)], 2, 4, 128, 5),
 ])
 def test_long_context(isa, seqs, num_kv_heads, group, head_dim, block_size, cache_dtype):
     rng = np.random.default_rng(1)
