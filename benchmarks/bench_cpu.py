@@ -31,6 +31,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,9 +69,11 @@ class Lockstep:
 
     def __init__(self, runner: str, model: str, threads: int, args):
         self.name = runner
+        # stderr to a file: a pipe nobody reads while the worker runs could fill and stall it
+        self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(worker_cmd(runner, model, threads, args) + ["--lockstep"],
                                      env=worker_env(threads), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.reply()  # {"ready": true}: loaded and warmed up
 
     def reply(self) -> dict:
@@ -79,7 +82,8 @@ class Lockstep:
             line = self.proc.stdout.readline()
         if not line:
             self.proc.kill()
-            raise SystemExit(f"{self.name} lockstep worker failed:\n{self.proc.stderr.read()[-3000:]}")
+            self.log.seek(0)
+            raise SystemExit(f"{self.name} lockstep worker failed:\n{self.log.read()[-3000:]}")
         return json.loads(line)
 
     def tell(self, command: str) -> dict:
