@@ -12,10 +12,10 @@ converter in the llama-cpp-python sdist, and to Q4_0 by llama.cpp's own quantise
 
 Batch 1 runs engine and llama.cpp in lockstep: two fresh worker processes load their model,
 prefill the same 512-token prompt in turns (3 times each, ABBA order), then decode in turns
-of about 0.1 s each (ABBA), with a 1 GiB copy timed between two turns. These machines drift by 30% and more within
-seconds, so separate runs minutes apart compare the machine's moods, not the engines; turns
-compare the engines under the same mood, and the copies give the bandwidth roofline of those
-same seconds. Each of --repeats such pairs is a fresh pair of processes (so peak RSS is each
+of about 0.1 s each (ABBA), with a 1 GiB copy timed between two turns. These machines drift
+by 30% and more within seconds, so separate runs minutes apart compare the machine's moods,
+not the engines; turns compare the engines under the same mood, and the copies give the
+bandwidth roofline of those same seconds. Each of --repeats such pairs is a fresh pair of processes (so peak RSS is each
 one's own); medians are printed, then ratios engine / llama.cpp. Same threads, same prompt,
 128 greedy new tokens. llama-cpp-python is built with AMX off (GCC 12 miscompiles its
 _tile_loadconfig); it and the models live in ~/.cache/engine-bench (ENGINE_BENCH_DIR), never
@@ -112,19 +112,19 @@ def lockstep(case: dict, args) -> dict:
     its turns), the decode turns and the copy rate between them."""
     workers = [Lockstep(runner, case[runner], args.threads, args) for runner in PEERS]
 
-    def turns(command: str, index: int) -> dict:
-        order = workers if index % 2 == 0 else workers[::-1]
-        return {w.name: w.tell(command)["seconds"] for w in order}
+    def abba(index: int) -> list[Lockstep]:  # who goes first alternates from turn to turn
+        return workers if index % 2 == 0 else workers[::-1]
 
     for i in range(args.prefills):
-        turns("prefill", i)
+        for w in abba(i):
+            w.tell("prefill")
     first = [w.tell("1")["seconds"] for w in workers]
     steps = max(1, round(0.1 / max(first)))
     left, decode_turns, copies = args.new_tokens - 1, [], []
     buffers = (np.ones(1 << 30, np.uint8), np.ones(1 << 30, np.uint8))  # as copy_bandwidth
     while left > 0:
         n = min(steps, left)
-        order = workers if len(decode_turns) % 2 == 0 else workers[::-1]
+        order = abba(len(decode_turns))
         turn = {order[0].name: order[0].tell(str(n))["seconds"]}
         copies.append(copy_probe(buffers, args.threads))
         turn[order[1].name] = order[1].tell(str(n))["seconds"]
@@ -211,8 +211,8 @@ def report(results: dict, args) -> None:
             paired = statistics.median(a["decode_tps"] / b["decode_tps"]
                                        for a, b in zip(by_runner["engine"], by_runner["llama.cpp"]))
             if copies:  # each run's weight rate against the copies timed between its turns
-                roof = [statistics.median(run[runner]["decode_tps"] * weight_bytes / c
-                                          for run, c in zip(by_runner_runs(by_runner), copies))
+                roof = [statistics.median(run["decode_tps"] * weight_bytes / c
+                                          for run, c in zip(by_runner[runner], copies))
                         for runner in ("engine", "llama.cpp")]
             else:
                 roof = [e[3] * 1e9 / bandwidth, l[3] * 1e9 / bandwidth]
@@ -230,12 +230,6 @@ def report(results: dict, args) -> None:
     print()
     for line in ratio_lines:
         print(line)
-
-
-def by_runner_runs(by_runner: dict) -> list[dict]:
-    """The runs of one case as a list of {runner: result} (the i-th run of each runner)."""
-    return [dict(zip(("engine", "llama.cpp"), pair))
-            for pair in zip(by_runner["engine"], by_runner["llama.cpp"])]
 
 
 def plot(results: dict, path: str) -> None:

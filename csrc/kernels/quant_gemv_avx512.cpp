@@ -175,18 +175,29 @@ void group_table(const uint8_t* const (&rows)[kRows], int64_t b0, int nb, GroupT
   }
 }
 
+// The 4 rows' dots, each 128-bit lane's 4 partial sums added and the rows transposed into
+// lanes: 128-bit lane k of the result holds [row 0, 1, 2, 3]'s sums of their lane k.
+inline __m512i rows_in_lanes(const __m512i (&dot)[kRows]) {
+  const __m512i u01 = _mm512_add_epi32(_mm512_unpacklo_epi32(dot[0], dot[1]),
+                                       _mm512_unpackhi_epi32(dot[0], dot[1]));
+  const __m512i u23 = _mm512_add_epi32(_mm512_unpacklo_epi32(dot[2], dot[3]),
+                                       _mm512_unpackhi_epi32(dot[2], dot[3]));
+  return _mm512_add_epi32(_mm512_unpacklo_epi64(u01, u23), _mm512_unpackhi_epi64(u01, u23));
+}
+inline __m256i rows_in_lanes(const __m256i (&dot)[kRows]) {
+  const __m256i u01 = _mm256_add_epi32(_mm256_unpacklo_epi32(dot[0], dot[1]),
+                                       _mm256_unpackhi_epi32(dot[0], dot[1]));
+  const __m256i u23 = _mm256_add_epi32(_mm256_unpacklo_epi32(dot[2], dot[3]),
+                                       _mm256_unpackhi_epi32(dot[2], dot[3]));
+  return _mm256_add_epi32(_mm256_unpacklo_epi64(u01, u23), _mm256_unpackhi_epi64(u01, u23));
+}
+
 // The exact dots of blocks 2j, 2j + 1 for the 4 rows: each dot's 16 lanes (4 values each)
 // summed per 16-value chunk, rows transposed into lanes, then chunks combined.
 template <QuantFormat F>
 inline void block_dots(const __m512i (&dot)[kRows], const GroupTable& t, int i, __m128i& ia,
                        __m128i& ib) {
-  const __m512i u01 = _mm512_add_epi32(_mm512_unpacklo_epi32(dot[0], dot[1]),
-                                       _mm512_unpackhi_epi32(dot[0], dot[1]));
-  const __m512i u23 = _mm512_add_epi32(_mm512_unpacklo_epi32(dot[2], dot[3]),
-                                       _mm512_unpackhi_epi32(dot[2], dot[3]));
-  // 128-bit lane k: the chunk-k sums of rows 0..3
-  const __m512i w = _mm512_add_epi32(_mm512_unpacklo_epi64(u01, u23),
-                                     _mm512_unpackhi_epi64(u01, u23));
+  const __m512i w = rows_in_lanes(dot);  // 128-bit lane k: the chunk-k sums of rows 0..3
   if constexpr (F == QuantFormat::q6_k) {
     auto sc = [&](int b, int h) {
       return _mm_load_si128(reinterpret_cast<const __m128i*>(t.sc6[b][h]));
@@ -272,12 +283,7 @@ inline __m128 step_q4(const uint8_t* const (&rows)[kRows], const GroupTable& t, 
     const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
     dot[r] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(seed, lo, xlo), hi, xhi);
   }
-  const __m256i u01 = _mm256_add_epi32(_mm256_unpacklo_epi32(dot[0], dot[1]),
-                                       _mm256_unpackhi_epi32(dot[0], dot[1]));
-  const __m256i u23 = _mm256_add_epi32(_mm256_unpacklo_epi32(dot[2], dot[3]),
-                                       _mm256_unpackhi_epi32(dot[2], dot[3]));
-  const __m256i w = _mm256_add_epi32(_mm256_unpacklo_epi64(u01, u23),
-                                     _mm256_unpackhi_epi64(u01, u23));
+  const __m256i w = rows_in_lanes(dot);  // lanes 0-3: block A's rows, 4-7: block B's
   acc = block_fma<F>(acc, _mm256_castsi256_si128(w), t, i, x.d[b], x.s[b]);
   if (!kHalf)
     acc = block_fma<F>(acc, _mm256_extracti128_si256(w, 1), t, i + 1, x.d[b + 1], x.s[b + 1]);
@@ -320,13 +326,7 @@ inline __m128 step_q4x4(const uint8_t* const (&rows)[kRows], const GroupTable& t
     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
     dot[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(seed, lo, xlo), hi, xhi);
   }
-  const __m512i u01 = _mm512_add_epi32(_mm512_unpacklo_epi32(dot[0], dot[1]),
-                                       _mm512_unpackhi_epi32(dot[0], dot[1]));
-  const __m512i u23 = _mm512_add_epi32(_mm512_unpacklo_epi32(dot[2], dot[3]),
-                                       _mm512_unpackhi_epi32(dot[2], dot[3]));
-  // 128-bit lane k: block k's dots for rows 0..3
-  const __m512i w =
-      _mm512_add_epi32(_mm512_unpacklo_epi64(u01, u23), _mm512_unpackhi_epi64(u01, u23));
+  const __m512i w = rows_in_lanes(dot);  // 128-bit lane k: block k's dots for rows 0..3
   acc = block_fma<F>(acc, _mm512_castsi512_si128(w), t, i, x.d[b], x.s[b]);
   acc = block_fma<F>(acc, _mm512_extracti32x4_epi32(w, 1), t, i + 1, x.d[b + 1], x.s[b + 1]);
   acc = block_fma<F>(acc, _mm512_extracti32x4_epi32(w, 2), t, i + 2, x.d[b + 2], x.s[b + 2]);
