@@ -183,7 +183,6 @@ struct Plan {
   std::vector<int64_t> groups;      // per split group: its first item, then one past its last
   std::vector<float> scratch;       // per slot: acc [(kMaxRows + group) * head_dim], m, l
   int64_t slot_size = 0;
-  std::vector<int64_t> ranges;  // decode plans: thread t runs items [ranges[t], ranges[t + 1])
 };
 
 // The calling thread's plan: reused across calls, so steady state allocates nothing.
@@ -202,37 +201,6 @@ int64_t acc_floats(const Args& a) {
   return (kMaxRows + (a.group > kMaxRows ? a.group : kMaxRows)) * a.head_dim;
 }
 
-// A decode plan (every item one new token over all KV heads) gives each thread a contiguous
-// range of items, cut at the item boundary nearest an even share of the positions (600
-// positions in pieces of 128 on 2 threads: 256 / 344, where cutting once the share is
-// reached gave 384 / 216), and chains each item to the next of its range, which it starts
-// fetching (a piece's first lines while the piece before computes: 4096 cold f16 positions
-// of the 1B model's heads, 2 threads, 868 -> 554 us a layer). The pieces and the merge stay
-// as they are: which thread runs a piece does not change its bits. Other plans (prefill
-// tiles of unequal cost) share items out dynamically.
-void plan_ranges(Plan& p, bool decode, int num_threads) {
-  p.ranges.clear();
-  const int64_t num_items = static_cast<int64_t>(p.items.size());
-  if (!decode || num_items < 2 || num_threads < 2) return;
-  int64_t total = 0;
-  for (const Item& it : p.items) total += it.kv_end - it.kv_begin;
-  p.ranges.push_back(0);
-  int64_t done = 0;  // positions before item i
-  for (int64_t i = 1; i < num_items; ++i) {
-    done += p.items[i - 1].kv_end - p.items[i - 1].kv_begin;
-    const int64_t t = static_cast<int64_t>(p.ranges.size());
-    // range t starts before item i once item i's middle passes t * total / num_threads
-    const int64_t next = p.items[i].kv_end - p.items[i].kv_begin;
-    if (t < num_threads && (2 * done + next) * num_threads >= 2 * t * total) p.ranges.push_back(i);
-  }
-  p.ranges.push_back(num_items);
-  for (size_t t = 0; t + 1 < p.ranges.size(); ++t)
-    for (int64_t i = p.ranges[t]; i + 1 < p.ranges[t + 1]; ++i) {
-      p.items[i].next = &p.items[i + 1];
-      p.items[i + 1].fetched = true;
-    }
-}
-
 void make_plan(Plan& p, const Args& a, const TensorView& seq_lens,
                const TensorView& query_start_loc, int num_threads) {
   p.items.clear();
@@ -240,11 +208,9 @@ void make_plan(Plan& p, const Args& a, const TensorView& seq_lens,
   p.groups.clear();
   const int64_t tile = rows_per_tile(a.group);
   const int64_t num_q_heads = a.num_kv_heads * a.group;
-  bool decode = true;
   for (int64_t s = 0; s < seq_lens.size(0); ++s) {
     const int64_t start = at(query_start_loc, s), num_new = at(query_start_loc, s + 1) - start;
     const int64_t context_len = at(seq_lens, s) - num_new;
-    decode = decode && num_new == 1 && num_q_heads <= kMaxRows;
     if (num_new == 1 && num_q_heads <= kMaxRows) {  // decode: one item over every head
       p.items.push_back(
           {s, 0, a.num_kv_heads, start, context_len, 0, num_q_heads, 0, context_len + 1});
@@ -284,7 +250,6 @@ void make_plan(Plan& p, const Args& a, const TensorView& seq_lens,
   p.slot_size = acc_floats(a) + 2 * kMaxRows;
   if (static_cast<int64_t>(p.scratch.size()) < num_slots * p.slot_size)
     p.scratch.resize(num_slots * p.slot_size);
-  plan_ranges(p, decode, num_threads);
 }
 
 Dest dest_for(Plan& p, const Args& a, int64_t i) {
@@ -351,16 +316,8 @@ void paged_attention(const TensorView& q, const TensorView& k_cache, const Tenso
   make_plan(p, a, seq_lens, query_start_loc, omp_get_max_threads());
   const AttendFn attend = pick_kernel();
   const int64_t num_items = static_cast<int64_t>(p.items.size());
-  if (!p.ranges.empty()) {
-    const int num_ranges = static_cast<int>(p.ranges.size()) - 1;
-#pragma omp parallel for schedule(static, 1) num_threads(num_ranges)
-    for (int t = 0; t < num_ranges; ++t)
-      for (int64_t i = p.ranges[t]; i < p.ranges[t + 1]; ++i)
-        attend(a, p.items[i], dest_for(p, a, i));
-  } else {
 #pragma omp parallel for schedule(dynamic, 1) if (num_items > 1)
-    for (int64_t i = 0; i < num_items; ++i) attend(a, p.items[i], dest_for(p, a, i));
-  }
+  for (int64_t i = 0; i < num_items; ++i) attend(a, p.items[i], dest_for(p, a, i));
 
   const int64_t num_groups = static_cast<int64_t>(p.groups.size()) / 2;
   // A merge is a few KiB of arithmetic: a second parallel region costs more for a few groups.

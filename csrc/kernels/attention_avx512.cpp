@@ -170,14 +170,6 @@ inline void scores16_rows(const float* const (&q)[R], const T* k, int64_t stride
   }
 }
 
-// The lines of one KV head's values at n positions stride apart from p into L2.
-template <typename T>
-inline void fetch_head(const T* p, int64_t n, int64_t stride, int64_t dim) {
-  for (int64_t j = 0; j < n; ++j)
-    for (int64_t e = 0; e < dim; e += 64 / static_cast<int64_t>(sizeof(T)))
-      _mm_prefetch(reinterpret_cast<const char*>(p + j * stride + e), _MM_HINT_T1);
-}
-
 // Up to kParts chunks of at most 16 positions (each within one cache block) whose
 // softmax update is done at once: the serial part of a row's update (max, exp, sum) is
 // then paid once per 64 positions instead of once per 16.
@@ -188,42 +180,14 @@ struct Span {
   int64_t pos[kParts], n[kParts];
   const T* k[kParts];
   const T* v[kParts];
-  // Adds a chunk; true when the span is full.
-  bool add(int64_t chunk_pos, int64_t chunk_n, const T* chunk_k, const T* chunk_v) {
-    pos[parts] = chunk_pos;
-    n[parts] = chunk_n;
-    k[parts] = chunk_k;
-    v[parts] = chunk_v;
-    return ++parts == kParts;
-  }
-  // Requests the lines of its positions' first `dim` values (stride apart) into L2.
-  void fetch(int64_t stride, int64_t dim) const;
 };
-
-template <typename T>
-void Span<T>::fetch(int64_t stride, int64_t dim) const {
-  for (int c = 0; c < parts; ++c) {
-    fetch_head(k[c], n[c], stride, dim);
-    fetch_head(v[c], n[c], stride, dim);
-  }
-}
 
 // Rows [i0, i0 + R) (all on the KV head at offset `off`) over a span: scores, one online
 // softmax update per row, then the value rows, each loaded once for all R rows. Row i sees
 // a part's first valid positions only (causal limits in prefill tiles).
-//
-// nx (or nullptr): the span computed next; the first row run of each KV head requests that
-// span's K and V lines of its head, a chunk at a time between this span's chunks (the rest
-// at the end, where nx has more chunks), so that they arrive while this span computes. A burst of the whole span's lines at once (what
-// for_each_chunk's prefetch does) stalls once the misses outnumber the core's miss buffers,
-// and memory then waits for compute and compute for memory.
 template <int NV, int R, typename T>
 inline void span_rows(Rows& rw, int64_t i0, float scale, const Span<T>& sp, int64_t off,
-                      int64_t stride, const Span<T>* nx) {
-  // nx's chunk c of this head, K or V (lines: nx->k or nx->v; nothing when null)
-  auto fetch_next = [&](const T* const* lines, int c) {
-    if (lines != nullptr && c < nx->parts) fetch_head(lines[c] + off, nx->n[c], stride, 16 * NV);
-  };
+                      int64_t stride) {
   alignas(64) float p[R][kParts][16];
   int64_t valid[R][kParts];
   float alpha[R];
@@ -242,9 +206,7 @@ inline void span_rows(Rows& rw, int64_t i0, float scale, const Span<T>& sp, int6
       n = max_i64(n, valid[r][c]);
     }
     if (n > 0) scores16_rows<NV, R>(q, sp.k[c] + off, stride, n, scores[c]);
-    fetch_next(nx != nullptr ? nx->k : nullptr, c);
   }
-  for (int c = sp.parts; nx != nullptr && c < nx->parts; ++c) fetch_next(nx->k, c);
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
     const int64_t i = i0 + r;
@@ -276,10 +238,7 @@ inline void span_rows(Rows& rw, int64_t i0, float scale, const Span<T>& sp, int6
     }
     rw.l[i] = rw.l[i] * alpha[r] + _mm512_reduce_add_ps(sum);
   }
-  if (!any) {
-    for (int c = 0; nx != nullptr && c < nx->parts; ++c) fetch_next(nx->v, c);
-    return;
-  }
+  if (!any) return;
   __m512 acc[R][NV];
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r) {
@@ -296,7 +255,6 @@ inline void span_rows(Rows& rw, int64_t i0, float scale, const Span<T>& sp, int6
       hi = max_i64(hi, valid[r][c]);
     }
     const T* v = sp.v[c] + off;
-    fetch_next(nx != nullptr ? nx->v : nullptr, c);
     for (int64_t j = 0; j < lo; ++j) {
       __m512 x[NV];
       // Loaded once for the R rows: without the barrier GCC folds the load into each
@@ -324,7 +282,6 @@ inline void span_rows(Rows& rw, int64_t i0, float scale, const Span<T>& sp, int6
       }
     }
   }
-  for (int c = sp.parts; nx != nullptr && c < nx->parts; ++c) fetch_next(nx->v, c);
 #pragma GCC unroll 4
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
@@ -333,19 +290,17 @@ inline void span_rows(Rows& rw, int64_t i0, float scale, const Span<T>& sp, int6
 
 // The rows of an item over a span: runs of rows on one KV head, R rows at a time.
 template <int NV, typename T>
-void span_all_rows(Rows& rw, float scale, const Span<T>& sp, int64_t stride, const Span<T>* nx) {
+void span_all_rows(Rows& rw, float scale, const Span<T>& sp, int64_t stride) {
   constexpr int R = NV <= 4 ? 4 : 2;
   for (int64_t i = 0; i < rw.n;) {
     const int64_t off = rw.kv_offset[i];
     int64_t end = i + 1;
     while (end < rw.n && rw.kv_offset[end] == off) ++end;
-    const Span<T>* fetch = nx;  // the head's first run requests the next span's lines
-    for (; i + R <= end; i += R, fetch = nullptr)
-      span_rows<NV, R>(rw, i, scale, sp, off, stride, fetch);
+    for (; i + R <= end; i += R) span_rows<NV, R>(rw, i, scale, sp, off, stride);
     switch (end - i) {  // the last few rows (a decode's group of 3 query heads, say)
-      case 3: span_rows<NV, 3>(rw, i, scale, sp, off, stride, fetch); break;
-      case 2: span_rows<NV, 2>(rw, i, scale, sp, off, stride, fetch); break;
-      case 1: span_rows<NV, 1>(rw, i, scale, sp, off, stride, fetch); break;
+      case 3: span_rows<NV, 3>(rw, i, scale, sp, off, stride); break;
+      case 2: span_rows<NV, 2>(rw, i, scale, sp, off, stride); break;
+      case 1: span_rows<NV, 1>(rw, i, scale, sp, off, stride); break;
       default: break;
     }
     i = end;
@@ -359,41 +314,18 @@ void attend_item_fast(const Args& a, const Item& it, const Dest& d) {
   const int64_t stride = a.num_kv_heads * a.head_dim;
   Rows rw;
   init_rows(a, it, d, rw);
-  // Spans are computed one behind the chunks collected: a span is computed once the next
-  // is known, whose lines it requests as it goes (span_rows).
-  Span<T> spans[2];
-  int cur = 0;  // spans[cur]: the span to compute; spans[1 - cur]: the one being collected
-  bool first = true;
-  const int64_t dim = it.num_heads * a.head_dim;  // the item's heads' values of a position
-  auto chunk = [&](int64_t pos, int64_t n, const T* k, const T* v) {
-    Span<T>& sp = spans[1 - cur];
-    if (!sp.add(pos, n, k, v)) return;
-    if (first) {  // the item's first span: requested whole unless the item before did
-      if (!it.fetched) sp.fetch(stride, dim);
-      first = false;
-    } else {
-      span_all_rows<NV>(rw, a.scale, spans[cur], stride, &sp);
-      spans[cur].parts = 0;
+  Span<T> sp;
+  for_each_chunk<T>(a, it, rw.kv_end, 16, [&](int64_t pos, int64_t n, const T* k, const T* v) {
+    sp.pos[sp.parts] = pos;
+    sp.n[sp.parts] = n;
+    sp.k[sp.parts] = k;
+    sp.v[sp.parts] = v;
+    if (++sp.parts == kParts) {
+      span_all_rows<NV>(rw, a.scale, sp, stride);
+      sp.parts = 0;
     }
-    cur = 1 - cur;
-  };
-  for_each_chunk<T, false>(a, it, rw.kv_end, 16, chunk);
-  Span<T>& tail = spans[1 - cur];
-  if (first && !it.fetched) tail.fetch(stride, dim);  // under kParts chunks: all at once
-  // The next item's first span (a decode plan's next piece on this thread), requested by
-  // the last span computed here.
-  Span<T> after;
-  if (it.next != nullptr) {
-    const Item& nx = *it.next;
-    auto add = [&](int64_t pos, int64_t n, const T* k, const T* v) {
-      if (after.parts < kParts) after.add(pos, n, k, v);  // blocks under 16 make more chunks
-    };
-    for_each_chunk<T, false>(a, nx, min_i64(nx.kv_end, nx.kv_begin + 16 * kParts), 16, add);
-  }
-  const Span<T>* last_fetch = after.parts > 0 ? &after : nullptr;
-  if (spans[cur].parts > 0)
-    span_all_rows<NV>(rw, a.scale, spans[cur], stride, tail.parts > 0 ? &tail : last_fetch);
-  if (tail.parts > 0) span_all_rows<NV, T>(rw, a.scale, tail, stride, last_fetch);
+  });
+  if (sp.parts > 0) span_all_rows<NV>(rw, a.scale, sp, stride);
   finish_rows(a, d, rw);
 }
 

@@ -56,11 +56,6 @@ struct Item {
   int64_t context_len; // seq_len - num_new: position of the first new token
   int64_t row_begin, row_end;
   int64_t kv_begin, kv_end;
-  // Decode plans run each thread's items in a fixed order: the item this thread runs next,
-  // whose first lines are requested while this one computes (nullptr: none), and whether
-  // the item before requested this one's.
-  const Item* next = nullptr;
-  bool fetched = false;
 };
 
 // Where a row's accumulator lives: acc(row) = base + (row / width - token0) * token_stride
@@ -131,8 +126,7 @@ inline void finish_rows(const Args& a, const Dest& d, const Rows& r) {
 // Calls f(pos, n, k, v) for each run of at most max_chunk positions in [it.kv_begin,
 // kv_end) that lies in one cache block; k and v point at the item's first KV head at the
 // run's first position (positions token_stride = num_kv_heads * head_dim values apart).
-// kPrefetch = false: the caller requests the lines itself (attention_avx512.cpp's spans).
-template <typename T, bool kPrefetch = true, typename F>
+template <typename T, typename F>
 inline void for_each_chunk(const Args& a, const Item& it, int64_t kv_end, int64_t max_chunk,
                            F&& f) {
   const int64_t D = a.head_dim;
@@ -144,7 +138,7 @@ inline void for_each_chunk(const Args& a, const Item& it, int64_t kv_end, int64_
   // A short item's lines (a decode piece: at most 128 positions) are requested up front
   // too: they fit in L2, and from memory the running prefetch alone left decode waiting
   // (1B-shaped decode over 600 cold f16 positions, 2 threads: 187-251 -> 168-233 us).
-  const int64_t upfront_end = kPrefetch && kv_end - it.kv_begin <= kUpfront ? kv_end : it.kv_begin;
+  const int64_t upfront_end = kv_end - it.kv_begin <= kUpfront ? kv_end : it.kv_begin;
   for (int64_t pos = it.kv_begin; pos < upfront_end; ++pos) {
     const int64_t at = table[(pos / a.block_size) * a.bt_block_stride] * block_stride +
                        (pos % a.block_size) * token_stride + it.kv_head * D;
@@ -163,7 +157,7 @@ inline void for_each_chunk(const Args& a, const Item& it, int64_t kv_end, int64_
     // while this chunk is computed (positions past kv_end are never looked up).
     for (int64_t j = 0; j < n; ++j) {
       const int64_t ahead = pos + j + kAhead;
-      if (!kPrefetch || ahead >= kv_end) break;
+      if (ahead >= kv_end) break;
       const int64_t at = table[(ahead / a.block_size) * a.bt_block_stride] * block_stride +
                          (ahead % a.block_size) * token_stride + it.kv_head * D;
       for (int64_t e = 0; e < it.num_heads * D; e += 64 / static_cast<int64_t>(sizeof(T))) {
