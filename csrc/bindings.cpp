@@ -93,27 +93,29 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "quant_matmul",
       [](py::array x, py::array w, const std::string& format, std::optional<py::array> bias,
-         py::array out) {
+         py::array out, int64_t interleave) {
         const char* op = "quant_matmul";
         auto xv = view_of(x, op, "x"), wv = view_of(w, op, "w");
         auto bv = optional_view(bias, op, "bias"), ov = view_of(out, op, "out", true);
         py::gil_scoped_release nogil;
-        engine::quant_matmul(xv, wv, format, bv, ov);
+        engine::quant_matmul(xv, wv, format, bv, ov, interleave);
       },
       py::arg("x").noconvert(), py::arg("w").noconvert(), py::arg("format"),
-      py::arg("bias").noconvert() = py::none(), py::arg("out").noconvert());
+      py::arg("bias").noconvert() = py::none(), py::arg("out").noconvert(),
+      py::arg("interleave") = 1);
 
   m.def(
       "quant_embedding",
-      [](py::array ids, py::array table, const std::string& format, py::array out) {
+      [](py::array ids, py::array table, const std::string& format, py::array out,
+         int64_t interleave) {
         const char* op = "quant_embedding";
         auto iv = view_of(ids, op, "ids"), tv = view_of(table, op, "table");
         auto ov = view_of(out, op, "out", true);
         py::gil_scoped_release nogil;
-        engine::quant_embedding(iv, tv, format, ov);
+        engine::quant_embedding(iv, tv, format, ov, interleave);
       },
       py::arg("ids").noconvert(), py::arg("table").noconvert(), py::arg("format"),
-      py::arg("out").noconvert());
+      py::arg("out").noconvert(), py::arg("interleave") = 1);
 
   m.def("quant_kernel", &engine::quant_kernel,
         "The quantised matmul kernels in use: avx512_vnni, avx2 or portable.");

@@ -76,17 +76,18 @@ inline void q4_k_scales(const uint8_t* s, int* sc, int* m) {  // ggml's get_scal
 }
 
 template <QuantFormat F>
-void row_table(const uint8_t* row, int64_t b0, int nb, TableView t) {
+void row_table(WeightRow w, int64_t b0, int nb, TableView t) {
+  const uint8_t* row = w.p;  // k-quant rows are always plain
   const int st = t.stride;
+  uint8_t buf[40];
   for (int i = 0; i < nb; ++i) {
     const int64_t b = b0 + i;
-    if constexpr (F == QuantFormat::q8_0) {
-      t.scale[i * st] = half_at(row + b * 34);
-    } else if constexpr (F == QuantFormat::q4_0) {
-      t.scale[i * st] = half_at(row + b * 18);
+    if constexpr (F == QuantFormat::q8_0 || F == QuantFormat::q4_0) {
+      t.scale[i * st] = half_at(w.block(b, buf));
     } else if constexpr (F == QuantFormat::q4_1) {
-      t.scale[i * st] = half_at(row + b * 20);
-      t.min[i * st] = half_at(row + b * 20 + 2);
+      const uint8_t* blk = w.block(b, buf);
+      t.scale[i * st] = half_at(blk);
+      t.min[i * st] = half_at(blk + 2);
     } else if constexpr (F == QuantFormat::q4_k) {
       if (i % 8 == 0) {
         const uint8_t* sb = row + (b / 8) * 144;
@@ -110,14 +111,16 @@ void row_table(const uint8_t* row, int64_t b0, int nb, TableView t) {
 
 // The 32 unsigned codes of block b, where vpbroadcastd can read them 4 at a time.
 template <QuantFormat F>
-inline const uint8_t* block_codes(const uint8_t* row, int64_t b, uint8_t* buf) {
+inline const uint8_t* block_codes(WeightRow w, int64_t b, uint8_t* buf) {
+  const uint8_t* row = w.p;
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256i v;
+  uint8_t tmp[40];
   if constexpr (F == QuantFormat::q8_0) {
-    v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + b * 34 + 2)),
+    v = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.block(b, tmp) + 2)),
                          _mm256_set1_epi8(static_cast<char>(0x80)));
   } else if constexpr (F == QuantFormat::q4_0 || F == QuantFormat::q4_1) {
-    const uint8_t* qs = row + b * (F == QuantFormat::q4_0 ? 18 : 20) + (F == QuantFormat::q4_0 ? 2 : 4);
+    const uint8_t* qs = w.block(b, tmp) + (F == QuantFormat::q4_0 ? 2 : 4);
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
     v = _mm256_and_si256(_mm256_inserti128_si256(_mm256_castsi128_si256(raw),
                                                  _mm_srli_epi16(raw, 4), 1), low4);
@@ -154,6 +157,9 @@ template <QuantFormat F> constexpr int offset_of() {
 }
 template <QuantFormat F> constexpr bool has_min() {
   return F == QuantFormat::q4_1 || F == QuantFormat::q4_k;
+}
+template <QuantFormat F> constexpr bool k_quant() {
+  return F == QuantFormat::q4_k || F == QuantFormat::q6_k;
 }
 template <QuantFormat F> constexpr int64_t block_bytes() {
   return F == QuantFormat::q8_0 ? 34 : F == QuantFormat::q4_0 ? 18 : F == QuantFormat::q4_1 ? 20

@@ -6,6 +6,7 @@
 #include "engine/check.h"
 #include "engine/convert.h"
 #include "engine/ops.h"
+#include "quant_kernels.h"
 
 namespace engine {
 namespace {
@@ -14,15 +15,21 @@ constexpr const char* kOp = "quant_embedding";
 
 inline float half_at(const uint8_t* p) { return f16_to_f32(static_cast<uint16_t>(p[0] | (p[1] << 8))); }
 
-void q8_0_row(const uint8_t* b, int64_t num_blocks, float* y) {
-  for (int64_t i = 0; i < num_blocks; ++i, b += 34, y += 32) {
+// The 32-value formats' rows may be tiled (interleave 4): their blocks come through
+// WeightRow::block.
+void q8_0_row(const quant_detail::WeightRow& w, int64_t num_blocks, float* y) {
+  uint8_t buf[40];
+  for (int64_t i = 0; i < num_blocks; ++i, y += 32) {
+    const uint8_t* b = w.block(i, buf);
     const float d = half_at(b);
     for (int j = 0; j < 32; ++j) y[j] = d * static_cast<float>(static_cast<int8_t>(b[2 + j]));
   }
 }
 
-void q4_row(const uint8_t* b, int64_t num_blocks, bool has_min, float* y) {
-  for (int64_t i = 0; i < num_blocks; ++i, b += has_min ? 20 : 18, y += 32) {
+void q4_row(const quant_detail::WeightRow& w, int64_t num_blocks, bool has_min, float* y) {
+  uint8_t buf[40];
+  for (int64_t i = 0; i < num_blocks; ++i, y += 32) {
+    const uint8_t* b = w.block(i, buf);
     const float d = half_at(b), m = has_min ? half_at(b + 2) : 0.0f;
     const uint8_t* qs = b + (has_min ? 4 : 2);
     const int offset = has_min ? 0 : 8;
@@ -71,26 +78,27 @@ void q6_k_row(const uint8_t* b, int64_t num_blocks, float* y) {
   }
 }
 
-void dequantize_row(QuantFormat f, const uint8_t* row, int64_t num_blocks, float* y) {
+void dequantize_row(QuantFormat f, const quant_detail::WeightRow& w, int64_t num_blocks, float* y) {
   switch (f) {
-    case QuantFormat::q8_0: return q8_0_row(row, num_blocks, y);
-    case QuantFormat::q4_0: return q4_row(row, num_blocks, false, y);
-    case QuantFormat::q4_1: return q4_row(row, num_blocks, true, y);
-    case QuantFormat::q4_k: return q4_k_row(row, num_blocks, y);
-    case QuantFormat::q6_k: return q6_k_row(row, num_blocks, y);
+    case QuantFormat::q8_0: return q8_0_row(w, num_blocks, y);
+    case QuantFormat::q4_0: return q4_row(w, num_blocks, false, y);
+    case QuantFormat::q4_1: return q4_row(w, num_blocks, true, y);
+    case QuantFormat::q4_k: return q4_k_row(w.p, num_blocks, y);
+    case QuantFormat::q6_k: return q6_k_row(w.p, num_blocks, y);
   }
 }
 
 }  // namespace
 
 void quant_embedding(const TensorView& ids, const TensorView& table, const std::string& format,
-                     const TensorView& out) {
+                     const TensorView& out, int64_t interleave) {
   QuantFormat f;
   try {
     f = parse_quant_format(format);
   } catch (const std::invalid_argument& e) {
     fail(kOp, std::string("format: ") + e.what());
   }
+  check_interleave(f, interleave, kOp);
   check_dtype(ids, kOp, "ids", {DType::i32});
   check_ndim(ids, kOp, "ids", 1);
   check_dtype(out, kOp, "out", {DType::f32});
@@ -108,7 +116,12 @@ void quant_embedding(const TensorView& ids, const TensorView& table, const std::
                "table must be uint8 [vocab, " + std::to_string(row_bytes) + "] (" +
                    std::to_string(hidden) + " values in " + format + " blocks), got " +
                    table.describe());
-  if (table.numel() > 0) check_row_contiguous(table, kOp, "table");
+  if (table.numel() > 0) {
+    if (interleave == 1)
+      check_row_contiguous(table, kOp, "table");
+    else
+      check_contiguous(table, kOp, "table");
+  }
   const int64_t vocab = table.size(0);
 
   const int32_t* id = ids.ptr<int32_t>();
@@ -119,13 +132,18 @@ void quant_embedding(const TensorView& ids, const TensorView& table, const std::
                  "ids[" + std::to_string(t) + "] = " + std::to_string(v) + " is outside [0, " +
                      std::to_string(vocab) + ") (the table rows)");
   }
-  const uint8_t* tp = table.ptr<const uint8_t>();
-  const int64_t ts = table.stride(0);
+  quant_detail::QuantArgs a{};  // the table as a weight, for its rows' layout
+  a.w = table.ptr<const uint8_t>();
+  a.w_row_bytes = table.stride(0);
+  a.w_block_bytes = block_values == 32 ? quant_block_bytes(f) : 0;
+  a.interleaved_rows = interleave == 4 ? vocab / 4 * 4 : 0;
+  a.format = f;
+  a.in_features = hidden;
   float* o = out.ptr<float>();
   const int64_t os = out.stride(0);
 #pragma omp parallel for schedule(static) if (num_tokens * hidden >= (1 << 16))
   for (int64_t t = 0; t < num_tokens; ++t)
-    dequantize_row(f, tp + id[t * id_stride] * ts, num_blocks, o + t * os);
+    dequantize_row(f, quant_detail::weight_row(a, id[t * id_stride]), num_blocks, o + t * os);
 }
 
 }  // namespace engine

@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "quant_avx512.h"
 
@@ -28,14 +29,15 @@ inline __m128i load128(const uint8_t* p) {
 }
 
 // The unsigned codes of blocks b, b + 1 (b even; kHalf: block b alone, the rest 0), for
-// q8_0 and the k-quants (q4_0 / q4_1 take step_q4 below).
+// q8_0 (a row's blocks `stride` bytes apart) and the k-quants (q4_0 / q4_1 take step_q4
+// below).
 template <QuantFormat F, bool kHalf>
-inline __m512i codes64(const uint8_t* row, int64_t b) {
+inline __m512i codes64(const uint8_t* row, int64_t b, int64_t stride) {
   if constexpr (F == QuantFormat::q8_0) {
-    const uint8_t* a = row + b * 34;
+    const uint8_t* a = row + b * stride;
     const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 2));
     const __m256i hi = kHalf ? _mm256_set1_epi8(static_cast<char>(0x80))
-                             : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 36));
+                             : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + stride + 2));
     return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
                             _mm512_set1_epi8(static_cast<char>(0x80)));
   } else if constexpr (F == QuantFormat::q4_k) {
@@ -58,6 +60,27 @@ inline __m512i codes64(const uint8_t* row, int64_t b) {
   }
 }
 
+// The 4 rows a group streams: row r's block b at rows[r] + b * stride. Interleaved (a
+// 32-value format stored 4 rows block by block, see quant_kernels.h), block b of the 4 rows
+// is one run of 4 blocks from rows[0] + b * stride on, and the group reads one stream.
+struct Group {
+  const uint8_t* rows[kRows];
+  int64_t stride;
+  bool interleaved;
+};
+
+// Prefetches the lines of the step's run of `span` bytes from p on, `near` ahead into L1
+// (kNear) and `far` ahead into L2: an interleaved group's step reads span contiguous bytes.
+template <int kSpan, bool kNear>
+inline void prefetch_run(const uint8_t* p, int64_t near, int64_t far) {
+  const char* c = reinterpret_cast<const char*>(p);
+#pragma GCC unroll 8
+  for (int o = 0; o < kSpan; o += 64) {
+    if (kNear) _mm_prefetch(c + near + o, _MM_HINT_T0);
+    _mm_prefetch(c + far + o, _MM_HINT_T1);
+  }
+}
+
 // A row group's tables: entry [block][row], so one load gives the 4 rows' values.
 struct GroupTable {
   alignas(64) float scale[kKBlock / 32][kRows];
@@ -66,12 +89,17 @@ struct GroupTable {
   TableView lane(int r) { return {&scale[0][r], &min[0][r], &sc6[0][0][r], kRows}; }
 };
 
-// The token, quantised: codes, and per block d and s = d * sum(codes).
+// The token, quantised: codes, and per block d and s = d * sum(codes); for tiled weights
+// also, per quad of blocks, kTiledWords words laid out for step_tiled.
 struct Token {
   const int8_t* q;
   const float* d;
   const float* s;
+  const int32_t* tiled;
 };
+// Per quad: chunk c's codes 4c .. 4c + 3 of its blocks 0..3 (words 4c + j), then per block
+// -offset * sum(codes) (words 32 + j).
+constexpr int kTiledWords = 36;
 
 // Blocks whose f16 heads one word permute gathers from a row: their heads lie within 64
 // words of the first (q4_0: 8 blocks of 9 words; q8_0: 4 of 17; q4_1: 4 of 10, d and m).
@@ -107,11 +135,40 @@ inline void store_heads(float* dst, __m128i h) { _mm256_storeu_ps(dst, _mm256_cv
 // cache on one core: q4_0 120 -> 110 us, q4_1 149 -> 126 us); Q6_K as below; Q4_K takes
 // row_table.
 template <QuantFormat F>
-void group_table(const uint8_t* const (&rows)[kRows], int64_t b0, int nb, GroupTable& t) {
+void group_table(const Group& grp, int64_t b0, int nb, GroupTable& t) {
+  const uint8_t* const(&rows)[kRows] = grp.rows;
   if constexpr (F == QuantFormat::q8_0 || F == QuantFormat::q4_0 || F == QuantFormat::q4_1) {
     constexpr int bytes = static_cast<int>(block_bytes<F>()), g = kHeadBlocks<F>;
     int i = 0;
-    for (; i + g <= nb; i += g) {
+    if (grp.interleaved) {
+      // A run of 4 blocks holds the 4 rows' heads of one block, in row order: one permute
+      // gathers them (q4_0: two blocks' in 128 bytes; q4_1: d then m, in 64 of its 80).
+      constexpr int w = bytes / 2;
+      for (; F == QuantFormat::q4_0 && i + 2 <= nb; i += 2) {
+        const uint8_t* p = rows[0] + (b0 + i) * grp.stride;
+        const __m512i idx =
+            _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                             7 * w, 6 * w, 5 * w, 4 * w, 3 * w, 2 * w, w, 0);
+        store_heads(t.scale[i], _mm512_castsi512_si128(_mm512_permutex2var_epi16(
+                                    _mm512_loadu_si512(p), idx, _mm512_loadu_si512(p + 64))));
+      }
+      for (; F != QuantFormat::q4_0 && i < nb; ++i) {
+        const uint8_t* p = rows[0] + (b0 + i) * grp.stride;
+        const __m512i idx =
+            _mm512_set_epi16(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                             3 * w + 1, 2 * w + 1, w + 1, 1, 3 * w, 2 * w, w, 0);
+        __m128i h;
+        if constexpr (F == QuantFormat::q4_1)
+          h = _mm512_castsi512_si128(_mm512_permutexvar_epi16(idx, _mm512_loadu_si512(p)));
+        else  // q8_0: 4 words from 128 of the run's 136 bytes
+          h = _mm512_castsi512_si128(
+              _mm512_permutex2var_epi16(_mm512_loadu_si512(p), idx, _mm512_loadu_si512(p + 64)));
+        const __m256 v = _mm256_cvtph_ps(h);
+        _mm_store_ps(t.scale[i], _mm256_castps256_ps128(v));
+        if constexpr (F == QuantFormat::q4_1) _mm_store_ps(t.min[i], _mm256_extractf128_ps(v, 1));
+      }
+    }
+    for (; !grp.interleaved && i + g <= nb; i += g) {
       __m128i h[kRows];
       for (int r = 0; r < kRows; ++r) h[r] = head_words<F>(rows[r] + (b0 + i) * bytes);
       // words: rows 0..3 of block j, block j + 1, ...
@@ -129,7 +186,7 @@ void group_table(const uint8_t* const (&rows)[kRows], int64_t b0, int nb, GroupT
     for (; i < nb; ++i) {  // the 4 rows' f16 d (and m) of block i, as one vector
       uint64_t d = 0, m = 0;
       for (int r = 0; r < kRows; ++r) {
-        const uint8_t* head = rows[r] + (b0 + i) * bytes;
+        const uint8_t* head = rows[r] + (b0 + i) * grp.stride;
         uint16_t h;
         std::memcpy(&h, head, 2);
         d |= static_cast<uint64_t>(h) << (16 * r);
@@ -171,7 +228,7 @@ void group_table(const uint8_t* const (&rows)[kRows], int64_t b0, int nb, GroupT
       _mm512_storeu_ps(&t.scale[i + 4][0], d4);
     }
   } else {
-    for (int r = 0; r < kRows; ++r) row_table<F>(rows[r], b0, nb, t.lane(r));
+    for (int r = 0; r < kRows; ++r) row_table<F>({rows[r], 0, -1, 0, 0}, b0, nb, t.lane(r));
   }
 }
 
@@ -225,8 +282,8 @@ inline __m128 block_fma(__m128 acc, __m128i dot, const GroupTable& t, int i, flo
 
 // Blocks b0 + i, b0 + i + 1 (kHalf: b0 + i only) of the group against the token.
 template <QuantFormat F, bool kHalf>
-inline __m128 step(const uint8_t* const (&rows)[kRows], const GroupTable& t, int64_t b0, int i,
-                   const Token& x, int64_t prefetch, __m128 acc) {
+inline __m128 step(const Group& g, const GroupTable& t, int64_t b0, int i, const Token& x,
+                   int64_t prefetch, __m128 acc) {
   const int64_t b = b0 + i;
   const __m512i xv = kHalf ? _mm512_maskz_loadu_epi8(0xFFFFFFFFull, x.q + 32 * b)
                            : _mm512_loadu_si512(x.q + 32 * b);
@@ -236,16 +293,22 @@ inline __m128 step(const uint8_t* const (&rows)[kRows], const GroupTable& t, int
     seed = _mm512_sub_epi32(seed, _mm512_dpbusd_epi32(_mm512_setzero_si512(),
                                                       _mm512_set1_epi8(static_cast<char>(o)), xv));
   __m512i dot[kRows];
+  if (!k_quant<F>() && g.interleaved)
+    prefetch_run<(kHalf ? 4 : 8) * block_bytes<F>(), true>(g.rows[0] + b * g.stride, prefetch,
+                                                           prefetch + kFarAhead);
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) {
-    const char* ahead = reinterpret_cast<const char*>(rows[r]) + prefetch + b * block_bytes<F>();
-    _mm_prefetch(ahead, _MM_HINT_T0);
-    _mm_prefetch(ahead + kFarAhead, _MM_HINT_T1);
-    if constexpr (2 * block_bytes<F>() > 64) {  // a step spans more than a line
-      _mm_prefetch(ahead + 64, _MM_HINT_T0);
-      _mm_prefetch(ahead + kFarAhead + 64, _MM_HINT_T1);
+    if (k_quant<F>() || !g.interleaved) {
+      const char* ahead =
+          reinterpret_cast<const char*>(g.rows[r]) + prefetch + b * block_bytes<F>();
+      _mm_prefetch(ahead, _MM_HINT_T0);
+      _mm_prefetch(ahead + kFarAhead, _MM_HINT_T1);
+      if constexpr (2 * block_bytes<F>() > 64) {  // a step spans more than a line
+        _mm_prefetch(ahead + 64, _MM_HINT_T0);
+        _mm_prefetch(ahead + kFarAhead + 64, _MM_HINT_T1);
+      }
     }
-    dot[r] = _mm512_dpbusd_epi32(seed, codes64<F, kHalf>(rows[r], b), xv);
+    dot[r] = _mm512_dpbusd_epi32(seed, codes64<F, kHalf>(g.rows[r], b, g.stride), xv);
   }
   __m128i ia, ib;
   block_dots<F>(dot, t, i, ia, ib);
@@ -259,8 +322,8 @@ inline __m128 step(const uint8_t* const (&rows)[kRows], const GroupTable& t, int
 // ([A 0..15, B 0..15, A 16..31, B 16..31] per pair, see nibble_order): lanes 0-3 of the dot
 // then hold block A alone, lanes 4-7 block B. Half the vector work of unpacking to 64 codes.
 template <QuantFormat F, bool kHalf>
-inline __m128 step_q4(const uint8_t* const (&rows)[kRows], const GroupTable& t, int64_t b0, int i,
-                      const Token& x, int64_t prefetch, __m128 acc) {
+inline __m128 step_q4(const Group& g, const GroupTable& t, int64_t b0, int i, const Token& x,
+                      int64_t prefetch, __m128 acc) {
   constexpr int bytes = F == QuantFormat::q4_0 ? 18 : 20, skip = bytes - 16;
   const int64_t b = b0 + i;
   const __m256i xlo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * b));
@@ -273,13 +336,18 @@ inline __m128 step_q4(const uint8_t* const (&rows)[kRows], const GroupTable& t, 
   }
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   __m256i dot[kRows];
+  if (g.interleaved)
+    prefetch_run<(kHalf ? 4 : 8) * bytes, true>(g.rows[0] + b * g.stride, prefetch,
+                                                prefetch + kFarAhead);
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) {
-    const uint8_t* a = rows[r] + b * bytes + skip;
-    _mm_prefetch(reinterpret_cast<const char*>(a) + prefetch, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(a) + prefetch + kFarAhead, _MM_HINT_T1);
-    const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(load128(a)),
-                                              kHalf ? _mm_setzero_si128() : load128(a + bytes), 1);
+    const uint8_t* a = g.rows[r] + b * g.stride + skip;
+    if (!g.interleaved) {
+      _mm_prefetch(reinterpret_cast<const char*>(a) + prefetch, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(a) + prefetch + kFarAhead, _MM_HINT_T1);
+    }
+    const __m256i v = _mm256_inserti128_si256(
+        _mm256_castsi128_si256(load128(a)), kHalf ? _mm_setzero_si128() : load128(a + g.stride), 1);
     const __m256i lo = _mm256_and_si256(v, low4), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
     dot[r] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(seed, lo, xlo), hi, xhi);
   }
@@ -299,8 +367,8 @@ inline __m128 step_q4(const uint8_t* const (&rows)[kRows], const GroupTable& t, 
 // model's q4_0 QKV from cache 1.19x as fast; all its matmuls from memory 1.01-1.02x,
 // SmolLM2's Q4_1 ones 1.04x (memory, not instructions, bounds those).
 template <QuantFormat F>
-inline __m128 step_q4x4(const uint8_t* const (&rows)[kRows], const GroupTable& t, int64_t b0, int i,
-                        const Token& x, int64_t far, __m128 acc) {
+inline __m128 step_q4x4(const Group& g, const GroupTable& t, int64_t b0, int i, const Token& x,
+                        int64_t far, __m128 acc) {
   constexpr int bytes = F == QuantFormat::q4_0 ? 18 : 20, skip = bytes - 16;
   const int64_t b = b0 + i;
   const __m512i xlo = _mm512_loadu_si512(x.q + 32 * b);
@@ -313,15 +381,18 @@ inline __m128 step_q4x4(const uint8_t* const (&rows)[kRows], const GroupTable& t
   }
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512i dot[kRows];
+  if (g.interleaved) prefetch_run<16 * bytes, false>(g.rows[0] + b * g.stride, 0, far);
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) {
-    const uint8_t* a = rows[r] + b * bytes + skip;
-    _mm_prefetch(reinterpret_cast<const char*>(a) + far, _MM_HINT_T1);
-    _mm_prefetch(reinterpret_cast<const char*>(a) + far + 64, _MM_HINT_T1);
+    const uint8_t* a = g.rows[r] + b * g.stride + skip;
+    if (!g.interleaved) {
+      _mm_prefetch(reinterpret_cast<const char*>(a) + far, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(a) + far + 64, _MM_HINT_T1);
+    }
     __m512i v = _mm512_castsi128_si512(load128(a));
-    v = _mm512_inserti32x4(v, load128(a + bytes), 1);
-    v = _mm512_inserti32x4(v, load128(a + 2 * bytes), 2);
-    v = _mm512_inserti32x4(v, load128(a + 3 * bytes), 3);
+    v = _mm512_inserti32x4(v, load128(a + g.stride), 1);
+    v = _mm512_inserti32x4(v, load128(a + 2 * g.stride), 2);
+    v = _mm512_inserti32x4(v, load128(a + 3 * g.stride), 3);
     const __m512i lo = _mm512_and_si512(v, low4);
     const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
     dot[r] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(seed, lo, xlo), hi, xhi);
@@ -336,28 +407,109 @@ inline __m128 step_q4x4(const uint8_t* const (&rows)[kRows], const GroupTable& t
 
 constexpr bool nibble_order(QuantFormat f) { return f == QuantFormat::q4_0 || f == QuantFormat::q4_1; }
 
+// Blocks b .. b + 3 (b % 4 == 0) of a tiled group (quant_kernels.h), whose quad starts at
+// `quad`: 32-bit lane 4r + j of a chunk holds 4 quant bytes of row r's block b + j, met by
+// the token's codes of the same blocks broadcast to the 4 rows' 128-bit lanes (q4: chunk
+// c < 4 meets the low nibbles with codes 4c .., chunk 4 + c the high ones with codes
+// 16 + 4c ..). The lanes' dots are then the 16 block dots themselves, with no reduction:
+// one permute puts them in the heads' order [block][row] (on AMD Zen 4 the shuffles of the
+// row-major steps, 24 a quad against 7 here, had bound them: 2048 x 2048 q4_0 in cache on
+// one core, 3.2 -> 1.8 cycles a block and row). The float work per block and row is
+// block_fma's, in block order. No software prefetch: the hardware follows the one stream
+// (1B-shaped decode, all matmuls, one process per variant: q8_0 0.88-0.93 of a plain read's
+// rate without, 0.71-0.84 with prefetches 16 KiB ahead).
+template <QuantFormat F>
+inline __m128 step_tiled(const uint8_t* quad, const Token& x, int64_t b, __m128 acc) {
+  constexpr int head = F == QuantFormat::q4_1 ? 4 : 2;
+  const int32_t* xq = x.tiled + (b / 4) * kTiledWords;
+  auto xv = [&](int c) {  // words 4c .. 4c + 3 in every 128-bit lane
+    return _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(xq + 4 * c)));
+  };
+  const uint8_t* codes = quad + 16 * head;
+  __m512i d0 = xv(8), d1 = _mm512_setzero_si512();
+  if constexpr (F == QuantFormat::q8_0) {
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+#pragma GCC unroll 4
+    for (int c = 0; c < 8; c += 2) {
+      d0 = _mm512_dpbusd_epi32(d0, _mm512_xor_si512(_mm512_loadu_si512(codes + 64 * c), flip),
+                               xv(c));
+      d1 = _mm512_dpbusd_epi32(d1, _mm512_xor_si512(_mm512_loadu_si512(codes + 64 * c + 64), flip),
+                               xv(c + 1));
+    }
+  } else {
+    const __m512i low4 = _mm512_set1_epi8(0x0F);
+#pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) {
+      const __m512i v = _mm512_loadu_si512(codes + 64 * c);
+      d0 = _mm512_dpbusd_epi32(d0, _mm512_and_si512(v, low4), xv(c));
+      d1 = _mm512_dpbusd_epi32(d1, _mm512_and_si512(_mm512_srli_epi16(v, 4), low4), xv(4 + c));
+    }
+  }
+  const __m512i by_block = _mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+  const __m512 dots =
+      _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(by_block, _mm512_add_epi32(d0, d1)));
+  const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(quad)));
+  __m512 mw = _mm512_setzero_ps();
+  if constexpr (has_min<F>())
+    mw = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(quad + 32)));
+  auto lane = [](__m512 v, auto j) {
+    if constexpr (decltype(j)::value == 0)
+      return _mm512_castps512_ps128(v);
+    else
+      return _mm512_extractf32x4_ps(v, decltype(j)::value);
+  };
+  auto block = [&](auto j) {
+    constexpr int k = decltype(j)::value;
+    const __m128 f = _mm_mul_ps(lane(dw, j), _mm_set1_ps(x.d[b + k]));
+    acc = _mm_fmadd_ps(lane(dots, j), f, acc);
+    if constexpr (has_min<F>()) acc = _mm_fmadd_ps(lane(mw, j), _mm_set1_ps(x.s[b + k]), acc);
+  };
+  block(std::integral_constant<int, 0>{});
+  block(std::integral_constant<int, 1>{});
+  block(std::integral_constant<int, 2>{});
+  block(std::integral_constant<int, 3>{});
+  return acc;
+}
+
 // Rows [n0, n0 + num_rows), num_rows <= 4 (missing rows repeat the first, unstored).
 template <QuantFormat F>
 void row_group(const QuantArgs& a, const Token& x, int64_t n0, int num_rows) {
   const int64_t nb = a.in_features / 32;
-  const uint8_t* rows[kRows];
-  for (int r = 0; r < kRows; ++r) rows[r] = a.w + (n0 + (r < num_rows ? r : 0)) * a.w_row_bytes;
-  // Past the group (rows and groups are contiguous: this is the stream ahead). A prefetch
-  // never faults.
-  const int64_t prefetch = std::max<int64_t>(kNearAhead, kRows * a.w_row_bytes);
+  constexpr int64_t bb = block_bytes<F>();
+  // A tiled group (all 4 rows are: groups start at multiples of 4) takes its whole quads
+  // in step_tiled and its last nb % 4 blocks, stored as whole blocks row after row, in the
+  // steps below; those read rows[r] + b * stride as for plain rows.
+  const bool tiled = n0 < a.interleaved_rows;
+  const int64_t tiled_blocks = tiled ? nb / 4 * 4 : 0;
+  Group g;
+  for (int r = 0; r < kRows; ++r)
+    g.rows[r] =
+        tiled ? a.w + n0 * a.w_row_bytes + r * bb : weight_row(a, n0 + (r < num_rows ? r : 0)).p;
+  g.stride = tiled ? 4 * bb : bb;
+  g.interleaved = tiled;
+  // Ahead in the stream: the same row of the next group (rows and groups are contiguous),
+  // or in a tiled group's one stream. A prefetch never faults.
+  const int64_t prefetch =
+      tiled ? kNearAhead : std::max<int64_t>(kNearAhead, kRows * a.w_row_bytes);
   GroupTable t;
   for (int64_t b0 = 0; b0 < nb; b0 += kKBlock / 32) {
     const int n = static_cast<int>(std::min<int64_t>(kKBlock / 32, nb - b0));
-    group_table<F>(rows, b0, n, t);
     __m128 acc = _mm_setzero_ps();
     int i = 0;
+    if constexpr (!k_quant<F>())
+      for (; i < n && b0 + i < tiled_blocks; i += 4)
+        acc = step_tiled<F>(g.rows[0] + (b0 + i) * 4 * bb, x, b0 + i, acc);
+    const int64_t c0 = b0 + i;  // the rest of the K block, from block c0 on
+    const int m = n - i;
+    if (m > 0) group_table<F>(g, c0, m, t);
+    int j = 0;
     if constexpr (nibble_order(F)) {
-      for (; i + 3 < n; i += 4) acc = step_q4x4<F>(rows, t, b0, i, x, prefetch + kFarAhead, acc);
-      for (; i + 1 < n; i += 2) acc = step_q4<F, false>(rows, t, b0, i, x, prefetch, acc);
-      if (i < n) acc = step_q4<F, true>(rows, t, b0, i, x, prefetch, acc);
+      for (; j + 3 < m; j += 4) acc = step_q4x4<F>(g, t, c0, j, x, prefetch + kFarAhead, acc);
+      for (; j + 1 < m; j += 2) acc = step_q4<F, false>(g, t, c0, j, x, prefetch, acc);
+      if (j < m) acc = step_q4<F, true>(g, t, c0, j, x, prefetch, acc);
     } else {
-      for (; i + 1 < n; i += 2) acc = step<F, false>(rows, t, b0, i, x, prefetch, acc);
-      if (i < n) acc = step<F, true>(rows, t, b0, i, x, prefetch, acc);
+      for (; j + 1 < m; j += 2) acc = step<F, false>(g, t, c0, j, x, prefetch, acc);
+      if (j < m) acc = step<F, true>(g, t, c0, j, x, prefetch, acc);
     }
     alignas(16) float v[kRows];
     _mm_store_ps(v, acc);
@@ -394,9 +546,21 @@ void quant_gemv_avx512_vnni(const QuantArgs& a) {
   const bool nibbles = nibble_order(a.format);
   if (nb % 2) std::memset(codes + (nb - 1) * 32, 0, 64);  // the missing block B: 0
   const int64_t quads = nibbles ? nb / 4 * 4 : 0;         // blocks step_q4x4 takes
+  // For tiled weights, per quad of blocks: codes 4c .. 4c + 3 of block 4q + j at word 4c + j,
+  // -offset * sum(codes of block 4q + j) at word 32 + j.
+  int32_t* tiled = nullptr;
+  if (a.interleaved_rows > 0)
+    tiled = static_cast<int32_t*>(
+        thread_scratch(Scratch::tiles, static_cast<size_t>(nb / 4 * kTiledWords * 4)));
+  const int offset = a.format == QuantFormat::q8_0 ? 128 : a.format == QuantFormat::q4_0 ? 8 : 0;
   QuantBlock qb;
   for (int64_t b = 0; b < nb; ++b) {  // the same arithmetic as the tiles' quantiser
     quantize_block(a.x + 32 * b, qb);
+    if (tiled != nullptr && b < nb / 4 * 4) {
+      int32_t* v = tiled + (b / 4) * kTiledWords + b % 4;
+      for (int c = 0; c < 8; ++c) std::memcpy(v + 4 * c, qb.q + 4 * c, 4);
+      v[32] = -offset * (qb.lo + qb.hi);
+    }
     if (b < quads) {  // [A 0..15, B 0..15, C 0..15, D 0..15, A 16..31, ..., D 16..31] per quad
       int8_t* quad = codes + (b / 4) * 128 + (b % 4) * 16;
       std::memcpy(quad, qb.q, 16);
@@ -411,7 +575,7 @@ void quant_gemv_avx512_vnni(const QuantArgs& a) {
     xd[b] = qb.d;
     xs[b] = qb.s;
   }
-  const Token x{codes, xd, xs};
+  const Token x{codes, xd, xs, tiled};
   switch (a.format) {
     case QuantFormat::q8_0: return run<QuantFormat::q8_0>(a, x);
     case QuantFormat::q4_0: return run<QuantFormat::q4_0>(a, x);

@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "engine/convert.h"
 #include "engine/ops.h"
@@ -48,6 +49,8 @@ struct QuantArgs {
   int64_t x_row_stride;
   const uint8_t* w;      // [out_features, w_row_bytes] contiguous blocks
   int64_t w_row_bytes;
+  int64_t w_block_bytes;     // bytes per 32 values (a 32-value format; unused for k-quants)
+  int64_t interleaved_rows;  // rows [0, interleaved_rows) in 4-row tiles (see below)
   QuantFormat format;
   const float* bias;     // [out_features] or nullptr
   float* out;            // [num_tokens, out_features], row stride out_row_stride
@@ -79,6 +82,53 @@ void* thread_scratch(Scratch slot, size_t bytes);
 #endif
 
 namespace {
+
+// The 4-row tiled layout (interleave 4) of the 32-value formats q8_0, q4_0 and q4_1, which
+// the one-token AVX-512 kernel reads as one stream with no shuffling: each group of 4 rows
+// (rows 4g .. 4g + 3, 4 * row_bytes from the group's start) holds, per quad of blocks
+// (blocks 4q .. 4q + 3, 16 blocks' bytes from the group's start + 16q blocks), the 16
+// (block j, row r) pairs:
+//   heads  f16 d[16], pair (j, r) at 4j + r (q4_1: then f16 m[16] the same way);
+//   codes  chunks of 64 bytes, chunk c's 32-bit lane 4r + j holding the pair's quant bytes
+//          4c .. 4c + 3 (q4_0 / q4_1: 4 chunks of nibble bytes; q8_0: 8 chunks of int8
+//          codes): a row's 4 blocks share a 128-bit lane, met by one broadcast of the
+//          token's 4 blocks.
+// Blocks past the last whole quad follow as whole blocks, the 4 rows' block b in turn (row r's
+// at the group's start + (4b + r) blocks); rows past the last whole group as plain rows.
+constexpr int kTileRows = 4;
+
+inline int64_t head_bytes(QuantFormat f) { return f == QuantFormat::q4_1 ? 4 : 2; }
+
+// Row n of the weight, and its block b as GGUF's bytes.
+struct WeightRow {
+  const uint8_t* p;  // plain: the row's first block; tiled: its group's start
+  int64_t bb;        // bytes per block (32-value formats; 0 for the k-quants, always plain)
+  int lane;          // tiled: the row within its group; plain: -1
+  int head;          // tiled: head bytes per block
+  int64_t quads;     // tiled: whole quads per row
+
+  // A pointer to the block's bytes, in place or (a tiled quad's block) gathered into buf
+  // (at least 34 bytes).
+  const uint8_t* block(int64_t b, uint8_t* buf) const {
+    if (lane < 0) return p + b * bb;
+    if (b >= 4 * quads) return p + (4 * b + lane) * bb;
+    const uint8_t* q = p + (b / 4) * 16 * bb;
+    const int j = static_cast<int>(b % 4), h = 4 * j + lane, l = 4 * lane + j;
+    std::memcpy(buf, q + 2 * h, 2);
+    if (head == 4) std::memcpy(buf + 2, q + 32 + 2 * h, 2);
+    const uint8_t* codes = q + 16 * head;
+    const int chunks = bb == 34 ? 8 : 4;  // q8_0's 32 codes, or q4's 16 nibble bytes
+    for (int c = 0; c < chunks; ++c) std::memcpy(buf + head + 4 * c, codes + 64 * c + 4 * l, 4);
+    return buf;
+  }
+};
+
+inline WeightRow weight_row(const QuantArgs& a, int64_t n) {
+  if (n >= a.interleaved_rows) return {a.w + n * a.w_row_bytes, a.w_block_bytes, -1, 0, 0};
+  const int64_t r = n % kTileRows;
+  return {a.w + (n - r) * a.w_row_bytes, a.w_block_bytes, static_cast<int>(r),
+          static_cast<int>(head_bytes(a.format)), a.in_features / 32 / 4};
+}
 
 inline float half_to_float(const uint8_t* p) {  // little-endian f16 at any alignment
   return f16_to_f32(static_cast<uint16_t>(p[0] | (p[1] << 8)));

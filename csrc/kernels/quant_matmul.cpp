@@ -72,14 +72,16 @@ inline void q4_k_scale_min(const uint8_t* s, int j, int* sc, int* m) {
 
 // Group g (values 32g .. 32g + 31) of a weight row.
 template <QuantFormat F>
-void load_group(const uint8_t* row, int64_t g, Group& out) {
+void load_group(WeightRow w, int64_t g, Group& out) {
+  const uint8_t* row = w.p;  // the k-quants' rows are always plain
+  uint8_t buf[40];
   if constexpr (F == QuantFormat::q8_0) {
-    const uint8_t* b = row + g * 34;
+    const uint8_t* b = w.block(g, buf);
     out.scale = half_to_float(b), out.min = 0.0f;
     for (int i = 0; i < 32; ++i) out.q[i] = static_cast<int8_t>(b[2 + i]);
   } else if constexpr (F == QuantFormat::q4_0 || F == QuantFormat::q4_1) {
     const bool has_min = F == QuantFormat::q4_1;
-    const uint8_t* b = row + g * (has_min ? 20 : 18);
+    const uint8_t* b = w.block(g, buf);
     const uint8_t* qs = b + (has_min ? 4 : 2);
     const int offset = has_min ? 0 : 8;
     out.scale = half_to_float(b), out.min = has_min ? half_to_float(b + 2) : 0.0f;
@@ -121,7 +123,7 @@ struct PortableKernel {
                    int64_t k_len, bool accumulate) {
     static_assert(R == 1, "the portable kernel works one weight row at a time");
     const int64_t k_total = a.in_features, nb = k_total / kActBlock;
-    const uint8_t* row = a.w + n0 * a.w_row_bytes;
+    const WeightRow row = weight_row(a, n0);
     float acc[C] = {};
     Group grp;
     for (int64_t g = k0 / 32; g < (k0 + k_len) / 32; ++g) {
@@ -233,20 +235,33 @@ std::string quant_kernel() {
   }
 }
 
+void check_interleave(QuantFormat f, int64_t interleave, const char* op) {
+  ENGINE_CHECK(interleave == 1 || interleave == 4, op,
+               "interleave must be 1 (rows one after another) or 4 (4-row tiles), got " +
+                   std::to_string(interleave));
+  ENGINE_CHECK(interleave == 1 || quant_block_values(f) == 32, op,
+               std::string("interleave 4 needs a 32-value block format (q8_0, q4_0 or q4_1), "
+                           "got ") +
+                   quant_format_name(f));
+}
+
 void quant_matmul(const TensorView& x, const TensorView& w, const std::string& format,
-                  const TensorView& bias, const TensorView& out) {
+                  const TensorView& bias, const TensorView& out, int64_t interleave) {
   QuantFormat f;
   try {
     f = parse_quant_format(format);
   } catch (const std::invalid_argument& e) {
     fail(kOp, std::string("format: ") + e.what());
   }
+  check_interleave(f, interleave, kOp);
   validate(x, w, f, bias, out);
   quant_detail::QuantArgs a;
   a.x = x.ptr<const float>();
   a.x_row_stride = x.strides[0];
   a.w = w.ptr<const uint8_t>();
   a.w_row_bytes = w.shape[1];
+  a.w_block_bytes = quant_block_values(f) == 32 ? quant_block_bytes(f) : 0;
+  a.interleaved_rows = interleave == 4 ? w.shape[0] / 4 * 4 : 0;
   a.format = f;
   a.bias = present(bias) ? bias.ptr<const float>() : nullptr;
   a.out = out.ptr<float>();

@@ -55,9 +55,10 @@ template <> struct Fmt<QuantFormat::q8_0> {
   static constexpr bool kSigned = true, kHasMin = false;
   static constexpr int kGroupSteps = 1;
   struct Group {};
-  static void group(const uint8_t*, int64_t, Group&) {}
-  static void step(const uint8_t* row, int64_t s, const Group&, Step& w) {
-    const uint8_t* a = row + s * 34;
+  static void group(WeightRow, int64_t, Group&) {}
+  static void step(WeightRow row, int64_t s, const Group&, Step& w) {
+    uint8_t buf[40];
+    const uint8_t* a = row.block(s, buf);
     w.q = load256(a + 2);
     w.scale = _mm256_set1_ps(load_half(a));
   }
@@ -67,9 +68,10 @@ template <> struct Fmt<QuantFormat::q4_0> {
   static constexpr bool kSigned = true, kHasMin = false;
   static constexpr int kGroupSteps = 1;
   struct Group {};
-  static void group(const uint8_t*, int64_t, Group&) {}
-  static void step(const uint8_t* row, int64_t s, const Group&, Step& w) {
-    const uint8_t* a = row + s * 18;
+  static void group(WeightRow, int64_t, Group&) {}
+  static void step(WeightRow row, int64_t s, const Group&, Step& w) {
+    uint8_t buf[40];
+    const uint8_t* a = row.block(s, buf);
     w.q = _mm256_sub_epi8(nibbles(a + 2), _mm256_set1_epi8(8));
     w.scale = _mm256_set1_ps(load_half(a));
   }
@@ -79,9 +81,10 @@ template <> struct Fmt<QuantFormat::q4_1> {
   static constexpr bool kSigned = false, kHasMin = true;
   static constexpr int kGroupSteps = 1;
   struct Group {};
-  static void group(const uint8_t*, int64_t, Group&) {}
-  static void step(const uint8_t* row, int64_t s, const Group&, Step& w) {
-    const uint8_t* a = row + s * 20;
+  static void group(WeightRow, int64_t, Group&) {}
+  static void step(WeightRow row, int64_t s, const Group&, Step& w) {
+    uint8_t buf[40];
+    const uint8_t* a = row.block(s, buf);
     w.q = nibbles(a + 4);
     w.scale = _mm256_set1_ps(load_half(a));
     w.min = _mm256_set1_ps(load_half(a + 2) * 0.125f);
@@ -96,8 +99,8 @@ template <> struct Fmt<QuantFormat::q4_k> {
     __m256 scales;  // d * sc_0..7
     __m256 mins;    // -dmin * m_0..7 / 8
   };
-  static void group(const uint8_t* row, int64_t g, Group& out) {
-    const uint8_t* b = row + g * 144;
+  static void group(WeightRow row, int64_t g, Group& out) {  // k-quant rows: always plain
+    const uint8_t* b = row.p + g * 144;
     uint32_t u[4];  // ggml's unpacking: 8 scale bytes, then 8 min bytes
     std::memcpy(u, b + 4, 12);
     const uint32_t k1 = 0x3f3f3f3f, k2 = 0x0f0f0f0f, k3 = 0x03030303;
@@ -112,7 +115,7 @@ template <> struct Fmt<QuantFormat::q4_k> {
                              _mm256_set1_ps(-0.125f * load_half(b + 2)));
     out.qs = b + 16;
   }
-  static void step(const uint8_t*, int64_t s, const Group& g, Step& w) {
+  static void step(WeightRow, int64_t s, const Group& g, Step& w) {
     const int j = static_cast<int>(s % 8);
     const __m256i raw = load256(g.qs + 32 * (j / 2));
     w.q = _mm256_and_si256(j % 2 ? _mm256_srli_epi16(raw, 4) : raw, _mm256_set1_epi8(0x0F));
@@ -129,13 +132,13 @@ template <> struct Fmt<QuantFormat::q6_k> {
     const uint8_t* b;
     __m256 scales[2];  // d * sc_0..7, d * sc_8..15
   };
-  static void group(const uint8_t* row, int64_t g, Group& out) {
-    out.b = row + g * 210;
+  static void group(WeightRow row, int64_t g, Group& out) {
+    out.b = row.p + g * 210;
     const __m256 d = _mm256_set1_ps(load_half(out.b + 208));
     out.scales[0] = _mm256_mul_ps(bytes_to_float(out.b + 192, true), d);
     out.scales[1] = _mm256_mul_ps(bytes_to_float(out.b + 200, true), d);
   }
-  static void step(const uint8_t*, int64_t s, const Group& g, Step& w) {
+  static void step(WeightRow, int64_t s, const Group& g, Step& w) {
     const int j = static_cast<int>(s % 8), half = j / 4, part = j % 4;
     const __m256i ql = load256(g.b + 64 * half + 32 * (part % 2));
     const __m256i lo = _mm256_and_si256(part / 2 ? _mm256_srli_epi16(ql, 4) : ql,
@@ -173,8 +176,8 @@ struct Avx2Kernel {
                    int64_t k_len, bool accumulate) {
     using T = Fmt<F>;
     const int64_t k_total = a.in_features, nb = k_total / kActBlock;
-    const uint8_t* rows[R];
-    for (int r = 0; r < R; ++r) rows[r] = a.w + (n0 + r) * a.w_row_bytes;
+    WeightRow rows[R];
+    for (int r = 0; r < R; ++r) rows[r] = weight_row(a, n0 + r);
     __m256 acc[R][C];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r)

@@ -54,3 +54,19 @@ def test_rejects_bad_layouts(table, fmt, out_cols, match):
     with pytest.raises(ValueError, match=match):
         ops._C.quant_embedding(np.zeros(1, np.int32), table, fmt,
                                np.empty((1, out_cols), np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_0", "q4_1"])
+@given(num_blocks=st.sampled_from([1, 3, 4, 5, 9]), vocab=st.integers(1, 40),
+       num_tokens=st.integers(0, 9), seed=st.integers(0, 2**32 - 1))
+def test_tiled_table_gives_the_same_rows(isa, fmt, num_blocks, vocab, num_tokens, seed):
+    """A tied embedding and LM head in 4-row tiles (QuantizedWeight.interleaved)."""
+    rng = np.random.default_rng(seed)
+    hidden = 32 * num_blocks
+    table = QuantizedWeight(random_blocks(rng, fmt, vocab, hidden), fmt, hidden)
+    ids = rng.integers(0, vocab, num_tokens).astype(np.int32)
+    want = ops.embedding(ids, table, out=np.empty((num_tokens, hidden), np.float32))
+    tiled = table.interleaved()
+    guarded = QuantizedWeight(GuardedBuffer(tiled.nbytes).holding(tiled.data), fmt, hidden, 4)
+    got = ops.embedding(ids, guarded, out=np.empty((num_tokens, hidden), np.float32))
+    np.testing.assert_array_equal(got, want)

@@ -222,3 +222,95 @@ def test_quantised_weights_refuse_device_arrays(rng):
     w = QuantizedWeight(random_blocks(rng, "q8_0", 2, 32), "q8_0", 32)
     with pytest.raises(TypeError, match="expected numpy"):
         ops.matmul([[0.0] * 32], w, out=np.empty((1, 2), np.float32))
+
+
+# ---- 4-row tiles (QuantizedWeight.interleaved, interleave 4) ------------------------------
+
+TILED = ["q8_0", "q4_0", "q4_1"]
+
+
+def tiles_by_definition(w: np.ndarray, fmt: str) -> np.ndarray:
+    """The tiled layout written out from its definition (quant_kernels.h), a byte at a time."""
+    _, bb, _ = FORMATS[fmt]
+    head = 4 if fmt == "q4_1" else 2
+    n, width = w.shape
+    blocks, quads = width // bb, width // bb // 4
+    out = w.copy()
+    for g in range(n // 4):
+        base = 4 * g * width
+        flat = out.reshape(-1)
+        for q in range(quads):
+            at = base + 16 * q * bb
+            for j in range(4):
+                for r in range(4):
+                    blk = w[4 * g + r, (4 * q + j) * bb:(4 * q + j + 1) * bb]
+                    for piece in range(head // 2):  # d, then q4_1's m
+                        flat[at + 32 * piece + 2 * (4 * j + r):][:2] = blk[2 * piece:2 * piece + 2]
+                    for c in range((bb - head) // 4):
+                        flat[at + 16 * head + 64 * c + 4 * (4 * r + j):][:4] = blk[head + 4 * c:head + 4 * c + 4]
+        for b in range(4 * quads, blocks):
+            for r in range(4):
+                flat[base + (4 * b + r) * bb:][:bb] = w[4 * g + r, b * bb:(b + 1) * bb]
+    return out
+
+
+@pytest.mark.parametrize("fmt", TILED)
+@pytest.mark.parametrize("rows,blocks", [(4, 4), (9, 5), (8, 11), (7, 3)])
+def test_tiles_follow_their_definition(rng, fmt, rows, blocks):
+    in_features = 32 * blocks
+    w = QuantizedWeight(random_blocks(rng, fmt, rows, in_features), fmt, in_features)
+    tiled = w.interleaved()
+    assert tiled.interleave == 4 and tiled.shape == w.shape
+    np.testing.assert_array_equal(tiled.data, tiles_by_definition(w.data, fmt))
+    np.testing.assert_array_equal(tiled.rows(), w.data)
+    np.testing.assert_array_equal(tiled.dequantize(), w.dequantize())
+    np.testing.assert_array_equal(tiled.take_rows(np.array([2, 0])).data, w.data[[2, 0]])
+
+
+@pytest.mark.parametrize("fmt", TILED)
+@given(num_tokens=st.sampled_from([1, 1, 2, 5, 16, 17, 40]),
+       out_features=st.sampled_from([1, 3, 4, 5, 8, 12, 13, 17, 67]),
+       blocks=st.sampled_from([1, 2, 3, 4, 5, 8, 9, 33, 36, 70]), has_bias=st.booleans(),
+       seed=st.integers(0, 2**32 - 1))
+def test_tiled_rows_give_the_same_bits(isa, fmt, num_tokens, out_features, blocks, has_bias,
+                                       seed):
+    """Every kernel reads tiles (whole quads, the blocks past them, the rows past the last
+    group) to the same bits as rows; the rows themselves are checked against the reference
+    above."""
+    rng = np.random.default_rng(seed)
+    in_features = 32 * blocks
+    x = rng.standard_normal((num_tokens, in_features)).astype(np.float32)
+    w = QuantizedWeight(random_blocks(rng, fmt, out_features, in_features), fmt, in_features)
+    bias = rng.standard_normal(out_features).astype(np.float32) if has_bias else None
+    want = ops.matmul(x, w, bias, out=np.empty((num_tokens, out_features), np.float32))
+    got = ops.matmul(x, w.interleaved(), bias, out=np.empty((num_tokens, out_features), np.float32))
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("fmt", TILED)
+@pytest.mark.parametrize("rows,blocks", [(4, 4), (5, 9), (8, 12), (9, 3)])
+def test_tiled_reads_nothing_past_the_weights(isa, rng, fmt, rows, blocks):
+    in_features = 32 * blocks
+    w = QuantizedWeight(random_blocks(rng, fmt, rows, in_features), fmt, in_features)
+    tiled = w.interleaved()
+    guarded = QuantizedWeight(GuardedBuffer(tiled.nbytes).holding(tiled.data), fmt, in_features, 4)
+    x = rng.standard_normal((20, in_features)).astype(np.float32)
+    for num_tokens in (1, 20):
+        want = ops.matmul(x[:num_tokens], w, out=np.empty((num_tokens, rows), np.float32))
+        got = ops.matmul(x[:num_tokens], guarded, out=np.empty((num_tokens, rows), np.float32))
+        np.testing.assert_array_equal(got, want)
+
+
+def test_interleave_is_checked():
+    x, out = np.ones((1, 256), np.float32), np.zeros((1, 4), np.float32)
+    with pytest.raises(ValueError, match="interleave must be 1 .* or 4 .*got 2"):
+        ops._C.quant_matmul(x, np.zeros((4, 272), np.uint8), "q8_0", None, out, 2)
+    with pytest.raises(ValueError, match="interleave 4 needs a 32-value block format .*q6_k"):
+        ops._C.quant_matmul(x, np.zeros((4, 210), np.uint8), "q6_k", None, out, 4)
+    with pytest.raises(ValueError, match="quant_embedding: interleave must be"):
+        ops._C.quant_embedding(np.zeros(1, np.int32), np.zeros((4, 272), np.uint8), "q8_0",
+                               np.zeros((1, 256), np.float32), 3)
+    with pytest.raises(ValueError, match="interleave must be 1, or 4 for q8_0, q4_0 or q4_1"):
+        QuantizedWeight(np.zeros((4, 210), np.uint8), "q6_k", 256, interleave=4)
+    q6 = QuantizedWeight(np.zeros((4, 210), np.uint8), "q6_k", 256).interleaved()
+    assert q6.interleave == 1  # formats without tiles stay rows

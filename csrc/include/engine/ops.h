@@ -61,14 +61,22 @@ std::string quant_kernel();
 //   w    [out_features, in_features / block_values * block_bytes] u8, contiguous
 //   bias [out_features] f32 or absent
 //   out  [num_tokens, out_features]    f32, rows contiguous (any row stride)
+//   interleave 1: w's rows one after another; 4 (q8_0, q4_0, q4_1 only): w in 4-row tiles
+//        (kernels/quant_kernels.h: per 4 rows and 4 blocks, the 16 blocks' scales, then their
+//        codes side by side in vector lanes), which the one-token AVX-512 kernel reads
+//        without shuffling. The same results either way.
 void quant_matmul(const TensorView& x, const TensorView& w, const std::string& format,
-                  const TensorView& bias, const TensorView& out);
+                  const TensorView& bias, const TensorView& out, int64_t interleave = 1);
 
 // out[i] = dequantise(table[ids[i]]): an embedding table kept in its blocks.
-//   ids [num_tokens] i32 in [0, vocab), table [vocab, row_bytes] u8 (rows contiguous),
-//   out [num_tokens, hidden] f32 with row_bytes = hidden / block_values * block_bytes.
+//   ids [num_tokens] i32 in [0, vocab), table [vocab, row_bytes] u8 (rows contiguous; with
+//   interleave 4 laid out as quant_matmul's w), out [num_tokens, hidden] f32 with
+//   row_bytes = hidden / block_values * block_bytes.
 void quant_embedding(const TensorView& ids, const TensorView& table, const std::string& format,
-                     const TensorView& out);
+                     const TensorView& out, int64_t interleave = 1);
+
+// interleave must be 1, or 4 with a 32-value block format; throws naming op otherwise.
+void check_interleave(QuantFormat format, int64_t interleave, const char* op);
 
 // ---- norms -------------------------------------------------------------------
 // out = x / sqrt(mean(x^2) + eps) * weight, per row.

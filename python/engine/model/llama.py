@@ -94,9 +94,15 @@ class LlamaForCausalLM:
         # model's weights on 2 threads: 31 -> 32 GB/s when memory is slow, 43 -> 50 when
         # it is fast). The same bits out; packed as loaded, so the peak holds one extra
         # matrix at most.
+        # GGUF blocks of q8_0 / q4_0 / q4_1 are laid out in 4-row tiles where the AVX-512 VNNI
+        # kernels run (QuantizedWeight.interleaved: the same blocks and results; the decode
+        # kernel reads a tile without shuffles).
         pack = device == "cpu" and quantization is None
+        tile = device == "cpu" and ops.quant_kernel() == "avx512_vnni"
 
         def packed(w):
+            if isinstance(w, QuantizedWeight):
+                return w.interleaved() if tile else w  # stacked: a private copy already
             return PackedWeight(w) if pack and isinstance(w, np.ndarray) and w.ndim == 2 else w
 
         def fused(names_shapes):
@@ -114,7 +120,10 @@ class LlamaForCausalLM:
             w = get(name, shape)
             if device != "cpu":
                 return w
-            w = PackedWeight(w) if pack and isinstance(w, np.ndarray) else private_copy(w)
+            if isinstance(w, QuantizedWeight):
+                w = w.interleaved() if tile else private_copy(w)  # a private copy either way
+            else:
+                w = PackedWeight(w) if pack and isinstance(w, np.ndarray) else private_copy(w)
             release(name)
             return w
 
@@ -169,7 +178,9 @@ class LlamaForCausalLM:
             if not isinstance(w, np.ndarray):
                 return w  # already stored quantised
             try:
-                return QuantizedWeight.quantize(w, to)
+                q = QuantizedWeight.quantize(w, to)
+                tile = self.device == "cpu" and ops.quant_kernel() == "avx512_vnni"
+                return q.interleaved() if tile else q
             except ValueError as e:
                 raise ValueError(f"quantization={fmt!r}: {what} {w.shape}: {e}") from None
 

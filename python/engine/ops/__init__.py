@@ -159,7 +159,7 @@ def matmul(x, w, bias=None, *, out):
         _C.matmul_packed(x, w.data, w.out_features, bias, out)
     elif isinstance(w, QuantizedWeight):
         _require_cpu("matmul", x, bias, out)
-        _C.quant_matmul(x, w.data, w.format, bias, out)
+        _C.quant_matmul(x, w.data, w.format, bias, out, w.interleave)
     elif isinstance(w, RowStack):
         for part, start, stop in zip(w.parts, w.bounds, w.bounds[1:]):
             matmul(x, part, None if bias is None else bias[start:stop], out=out[:, start:stop])
@@ -216,7 +216,7 @@ def embedding(ids, table, *, out):
         out[...] = table.take(ids)
     elif isinstance(table, QuantizedWeight):
         _require_cpu("embedding", ids, out)
-        _C.quant_embedding(ids, table.data, table.format, out)
+        _C.quant_embedding(ids, table.data, table.format, out, table.interleave)
     else:
         _backend(ids, table, out).embedding(ids, table, out)
     return out

@@ -4,6 +4,12 @@ A `QuantizedWeight` is a [out_features, row_bytes] uint8 array of blocks laid al
 in_features, plus the format's name; `ops.matmul` and `ops.embedding` run it natively
 (`_C.quant_matmul`, `_C.quant_embedding`). A `RowStack` stacks weights of different
 formats by rows (a fused QKV whose V is Q6_K while Q and K are Q4_K), run part by part.
+
+`interleaved()` lays the 32-value formats (q8_0, q4_0, q4_1) out in 4-row tiles (interleave
+4) for the one-token AVX-512 kernel: each group of 4 rows, quad of 4 blocks at a time, with the
+16 (block, row) pairs side by side in vector lanes, so that each lane's dot product is one
+block's and needs no reduction (see csrc/kernels/quant_kernels.h). The same bits, the same
+results; every kernel reads both layouts.
 """
 
 from __future__ import annotations
@@ -42,6 +48,46 @@ def row_bytes(format: str, in_features: int) -> int:
     return in_features // block_values * block_bytes
 
 
+def _regroup(data: np.ndarray, format: str, to_tiles: bool) -> np.ndarray:
+    """A copy of [n, row_bytes] q8_0 / q4_0 / q4_1 rows laid out in 4-row tiles, or (to_tiles
+    False) tiles put back as rows. Per group of 4 rows and quad of 4 blocks, the 16 (block j,
+    row r) pairs' f16 d at 4j + r (q4_1: then their f16 m), then chunks of 64 bytes, chunk c
+    holding at 4r + j each pair's quant bytes 4c .. 4c + 3. Blocks past the last whole quad
+    follow whole, the 4 rows' block b in turn; the last n % 4 rows stay rows."""
+    _, block_bytes, _ = FORMATS[format]
+    head = 4 if format == "q4_1" else 2
+    n, width = data.shape
+    groups, blocks = n // 4, width // block_bytes
+    quads = blocks // 4
+    out = np.empty_like(data)
+    src, dst = (data, out) if to_tiles else (out, data)
+    rows = src[:groups * 4].reshape(groups, 4, blocks, block_bytes)
+    tiles = dst[:groups * 4].reshape(groups, 4 * width)
+    quad_part = tiles[:, :quads * 16 * block_bytes].reshape(groups, quads, 16 * block_bytes)
+    whole = rows[:, :, :quads * 4].reshape(groups, 4, quads, 4, block_bytes)
+    # rows: (group, row, quad, block, piece, bytes); heads by (group, quad, piece, block, row,
+    # bytes), codes by (group, quad, chunk, row, block, bytes)
+    pairs = [(whole[..., :head].reshape(groups, 4, quads, 4, head // 2, 2),
+              quad_part[..., :16 * head].reshape(groups, quads, head // 2, 4, 4, 2),
+              (0, 2, 4, 3, 1, 5), (0, 4, 1, 3, 2, 5)),
+             (whole[..., head:].reshape(groups, 4, quads, 4, (block_bytes - head) // 4, 4),
+              quad_part[..., 16 * head:].reshape(groups, quads, (block_bytes - head) // 4, 4, 4, 4),
+              (0, 2, 4, 1, 3, 5), (0, 3, 1, 4, 2, 5))]
+    rest_rows = rows[:, :, quads * 4:]                                 # (group, row, block, bytes)
+    rest_tiles = tiles[:, quads * 16 * block_bytes:].reshape(groups, blocks - quads * 4, 4,
+                                                             block_bytes)
+    if to_tiles:
+        for r, t, forward, _ in pairs:
+            t[...] = r.transpose(forward)
+        rest_tiles[...] = rest_rows.transpose(0, 2, 1, 3)
+    else:
+        for r, t, _, back in pairs:
+            r[...] = t.transpose(back)
+        rest_rows[...] = rest_tiles.transpose(0, 2, 1, 3)
+    out[groups * 4:] = data[groups * 4:]
+    return out
+
+
 class QuantizedWeight:
     """A [out_features, in_features] weight stored as GGUF blocks.
 
@@ -50,11 +96,13 @@ class QuantizedWeight:
             is fine).
         format: "q8_0", "q4_0", "q4_1", "q4_k" or "q6_k".
         in_features: values per row.
+        interleave: 1, rows one after another (GGUF's layout); or 4 (q8_0, q4_0 and q4_1):
+            each group of 4 rows stored block by block, as `interleaved()` makes it.
     """
 
-    __slots__ = ("data", "format", "in_features")
+    __slots__ = ("data", "format", "in_features", "interleave")
 
-    def __init__(self, data: np.ndarray, format: str, in_features: int):
+    def __init__(self, data: np.ndarray, format: str, in_features: int, interleave: int = 1):
         expected = row_bytes(format, in_features)
         if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
                 and data.shape[1] == expected and data.flags.c_contiguous):
@@ -62,7 +110,11 @@ class QuantizedWeight:
                    else type(data).__name__)
             raise ValueError(f"QuantizedWeight: data must be C-contiguous uint8 [rows, {expected}] "
                              f"({in_features} values of {format}), got {got}")
+        if interleave not in (1, 4) or (interleave == 4 and FORMATS[format][0] != 32):
+            raise ValueError(f"QuantizedWeight: interleave must be 1, or 4 for q8_0, q4_0 or "
+                             f"q4_1; got {interleave!r} for {format}")
         self.data, self.format, self.in_features = data, format, int(in_features)
+        self.interleave = int(interleave)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -79,14 +131,31 @@ class QuantizedWeight:
         return self.data.nbytes
 
     def __repr__(self) -> str:
-        return f"QuantizedWeight({self.format}, shape={self.shape})"
+        layout = f", interleave={self.interleave}" if self.interleave != 1 else ""
+        return f"QuantizedWeight({self.format}, shape={self.shape}{layout})"
+
+    def interleaved(self) -> "QuantizedWeight":
+        """A copy laid out 4 rows block by block for q8_0, q4_0 and q4_1 (decode reads one
+        stream per 4 rows); other formats, or one already interleaved, as a plain copy."""
+        if self.interleave == 4 or FORMATS[self.format][0] != 32:
+            return QuantizedWeight(np.array(self.data), self.format, self.in_features,
+                                   self.interleave)
+        return QuantizedWeight(_regroup(self.data, self.format, True), self.format,
+                               self.in_features, 4)
+
+    def rows(self) -> np.ndarray:
+        """The blocks as GGUF lays them out, [out_features, row_bytes] (self.data, or a copy
+        when interleaved)."""
+        if self.interleave == 1:
+            return self.data
+        return _regroup(self.data, self.format, False)
 
     def dequantize(self) -> np.ndarray:
         """float32 [out_features, in_features], with gguf's numpy dequantisers."""
         from gguf.quants import dequantize
 
         type_id = FORMATS[self.format][2]
-        return np.asarray(dequantize(self.data, type_id), np.float32).reshape(self.shape)
+        return np.asarray(dequantize(self.rows(), type_id), np.float32).reshape(self.shape)
 
     @classmethod
     def quantize(cls, w: np.ndarray, format: str) -> "QuantizedWeight":
@@ -111,7 +180,7 @@ class QuantizedWeight:
 
     def take_rows(self, order: np.ndarray) -> "QuantizedWeight":
         """The rows in the given order (a copy): whole rows, so blocks stay intact."""
-        return QuantizedWeight(np.ascontiguousarray(self.data[order]), self.format,
+        return QuantizedWeight(np.ascontiguousarray(self.rows()[order]), self.format,
                                self.in_features)
 
 
@@ -138,7 +207,7 @@ def private_copy(w):
     """A copy of one weight (an array or a QuantizedWeight) in this process's memory, not
     the file's pages."""
     if isinstance(w, QuantizedWeight):
-        return QuantizedWeight(np.array(w.data), w.format, w.in_features)
+        return QuantizedWeight(np.array(w.data), w.format, w.in_features, w.interleave)
     return np.array(w)
 
 
@@ -152,6 +221,6 @@ def stack_rows(parts: list):
         return np.concatenate(parts)
     formats = {p.format if isinstance(p, QuantizedWeight) else None for p in parts}
     if len(formats) == 1 and None not in formats:
-        return QuantizedWeight(np.concatenate([p.data for p in parts]), parts[0].format,
+        return QuantizedWeight(np.concatenate([p.rows() for p in parts]), parts[0].format,
                                parts[0].in_features)
     return RowStack(parts)
