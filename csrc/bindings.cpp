@@ -117,6 +117,17 @@ PYBIND11_MODULE(_C, m) {
       py::arg("ids").noconvert(), py::arg("table").noconvert(), py::arg("format"),
       py::arg("out").noconvert(), py::arg("interleave") = 1);
 
+  m.def(
+      "quant_tiles",
+      [](py::array src, const std::string& format, bool to_tiles, py::array out) {
+        const char* op = "quant_tiles";
+        auto sv = view_of(src, op, "src"), ov = view_of(out, op, "out", true);
+        py::gil_scoped_release nogil;
+        engine::quant_tiles(sv, format, to_tiles, ov);
+      },
+      py::arg("src").noconvert(), py::arg("format"), py::arg("to_tiles"),
+      py::arg("out").noconvert());
+
   m.def("quant_kernel", &engine::quant_kernel,
         "The quantised matmul kernels in use: avx512_vnni, avx2 or portable.");
 

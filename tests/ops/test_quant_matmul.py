@@ -314,3 +314,11 @@ def test_interleave_is_checked():
         QuantizedWeight(np.zeros((4, 210), np.uint8), "q6_k", 256, interleave=4)
     q6 = QuantizedWeight(np.zeros((4, 210), np.uint8), "q6_k", 256).interleaved()
     assert q6.interleave == 1  # formats without tiles stay rows
+    src, out = np.zeros((4, 35), np.uint8), np.zeros((4, 35), np.uint8)
+    with pytest.raises(ValueError, match="quant_tiles: src: rows must be whole q8_0 blocks"):
+        ops._C.quant_tiles(src, "q8_0", True, out)
+    with pytest.raises(ValueError, match="quant_tiles: interleave 4 needs a 32-value"):
+        ops._C.quant_tiles(np.zeros((4, 144), np.uint8), "q4_k", True, np.zeros((4, 144), np.uint8))
+    with pytest.raises(ValueError, match="quant_tiles: out must not share memory with src"):
+        same = np.zeros((4, 34), np.uint8)
+        ops._C.quant_tiles(same, "q8_0", True, same)

@@ -78,6 +78,11 @@ void quant_embedding(const TensorView& ids, const TensorView& table, const std::
 // interleave must be 1, or 4 with a 32-value block format; throws naming op otherwise.
 void check_interleave(QuantFormat format, int64_t interleave, const char* op);
 
+// out = src's q8_0 / q4_0 / q4_1 rows in the 4-row tiles of interleave 4 (to_tiles), or src's
+// tiles as rows: src, out [n, row_bytes] u8 contiguous, not overlapping.
+void quant_tiles(const TensorView& src, const std::string& format, bool to_tiles,
+                 const TensorView& out);
+
 // ---- norms -------------------------------------------------------------------
 // out = x / sqrt(mean(x^2) + eps) * weight, per row.
 //   x [num_tokens, hidden] f32, weight [hidden] f32/f16/bf16, out like x.

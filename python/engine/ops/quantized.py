@@ -50,41 +50,11 @@ def row_bytes(format: str, in_features: int) -> int:
 
 def _regroup(data: np.ndarray, format: str, to_tiles: bool) -> np.ndarray:
     """A copy of [n, row_bytes] q8_0 / q4_0 / q4_1 rows laid out in 4-row tiles, or (to_tiles
-    False) tiles put back as rows. Per group of 4 rows and quad of 4 blocks, the 16 (block j,
-    row r) pairs' f16 d at 4j + r (q4_1: then their f16 m), then chunks of 64 bytes, chunk c
-    holding at 4r + j each pair's quant bytes 4c .. 4c + 3. Blocks past the last whole quad
-    follow whole, the 4 rows' block b in turn; the last n % 4 rows stay rows."""
-    _, block_bytes, _ = FORMATS[format]
-    head = 4 if format == "q4_1" else 2
-    n, width = data.shape
-    groups, blocks = n // 4, width // block_bytes
-    quads = blocks // 4
+    False) tiles put back as rows (`_C.quant_tiles`; the layout is in its source file)."""
+    from engine import _C
+
     out = np.empty_like(data)
-    src, dst = (data, out) if to_tiles else (out, data)
-    rows = src[:groups * 4].reshape(groups, 4, blocks, block_bytes)
-    tiles = dst[:groups * 4].reshape(groups, 4 * width)
-    quad_part = tiles[:, :quads * 16 * block_bytes].reshape(groups, quads, 16 * block_bytes)
-    whole = rows[:, :, :quads * 4].reshape(groups, 4, quads, 4, block_bytes)
-    # rows: (group, row, quad, block, piece, bytes); heads by (group, quad, piece, block, row,
-    # bytes), codes by (group, quad, chunk, row, block, bytes)
-    pairs = [(whole[..., :head].reshape(groups, 4, quads, 4, head // 2, 2),
-              quad_part[..., :16 * head].reshape(groups, quads, head // 2, 4, 4, 2),
-              (0, 2, 4, 3, 1, 5), (0, 4, 1, 3, 2, 5)),
-             (whole[..., head:].reshape(groups, 4, quads, 4, (block_bytes - head) // 4, 4),
-              quad_part[..., 16 * head:].reshape(groups, quads, (block_bytes - head) // 4, 4, 4, 4),
-              (0, 2, 4, 1, 3, 5), (0, 3, 1, 4, 2, 5))]
-    rest_rows = rows[:, :, quads * 4:]                                 # (group, row, block, bytes)
-    rest_tiles = tiles[:, quads * 16 * block_bytes:].reshape(groups, blocks - quads * 4, 4,
-                                                             block_bytes)
-    if to_tiles:
-        for r, t, forward, _ in pairs:
-            t[...] = r.transpose(forward)
-        rest_tiles[...] = rest_rows.transpose(0, 2, 1, 3)
-    else:
-        for r, t, _, back in pairs:
-            r[...] = t.transpose(back)
-        rest_rows[...] = rest_tiles.transpose(0, 2, 1, 3)
-    out[groups * 4:] = data[groups * 4:]
+    _C.quant_tiles(np.ascontiguousarray(data), format, to_tiles, out)
     return out
 
 
