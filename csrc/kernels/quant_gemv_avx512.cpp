@@ -1,10 +1,13 @@
 // quant_matmul for one token (decode) with AVX-512 VNNI: each weight row is streamed once,
-// 64 values per vpdpbusd against the token's codes, with the stream ahead prefetched.
+// 4 rows at a time, 64 values per vpdpbusd against the token's codes.
 //
-// The lanes of a step's dot hold partial sums of 4 values; they are added into each
-// block's exact integer dot, and the float work then follows the many-token kernel's
-// order operation for operation (quant_avx512.h): the same token gives the same bits
-// whichever kernel ran it.
+// Rows in 4-row tiles (interleave 4, what the loader makes of q8_0 / q4_0 / q4_1) take
+// step_tiled: each lane's dot is a whole block's, and the group is one stream the hardware
+// prefetcher follows. Plain rows take the row-major steps, with the stream ahead prefetched:
+// the lanes of a step's dot hold partial sums of 4 values, added into each block's exact
+// integer dot. Either way the float work then follows the many-token kernel's order
+// operation for operation (quant_avx512.h): the same token gives the same bits whichever
+// kernel ran it.
 #pragma GCC target("avx512vnni")
 #include <immintrin.h>
 
