@@ -63,9 +63,9 @@ inline __m512i codes64(const uint8_t* row, int64_t b, int64_t stride) {
   }
 }
 
-// The 4 rows a group streams: row r's block b at rows[r] + b * stride. Interleaved (a
-// 32-value format stored 4 rows block by block, see quant_kernels.h), block b of the 4 rows
-// is one run of 4 blocks from rows[0] + b * stride on, and the group reads one stream.
+// The 4 rows a group streams: row r's block b at rows[r] + b * stride. Interleaved: the
+// blocks of a tiled group past its whole quads (quant_kernels.h), stored whole, the 4 rows'
+// block b in turn, one run of 4 blocks from rows[0] + b * stride on.
 struct Group {
   const uint8_t* rows[kRows];
   int64_t stride;
@@ -73,7 +73,7 @@ struct Group {
 };
 
 // Prefetches the lines of the step's run of `span` bytes from p on, `near` ahead into L1
-// (kNear) and `far` ahead into L2: an interleaved group's step reads span contiguous bytes.
+// (kNear) and `far` ahead into L2: an interleaved step reads span contiguous bytes.
 template <int kSpan, bool kNear>
 inline void prefetch_run(const uint8_t* p, int64_t near, int64_t far) {
   const char* c = reinterpret_cast<const char*>(p);

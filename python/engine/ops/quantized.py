@@ -67,7 +67,7 @@ class QuantizedWeight:
         format: "q8_0", "q4_0", "q4_1", "q4_k" or "q6_k".
         in_features: values per row.
         interleave: 1, rows one after another (GGUF's layout); or 4 (q8_0, q4_0 and q4_1):
-            each group of 4 rows stored block by block, as `interleaved()` makes it.
+            4-row tiles, as `interleaved()` makes them.
     """
 
     __slots__ = ("data", "format", "in_features", "interleave")
@@ -105,8 +105,8 @@ class QuantizedWeight:
         return f"QuantizedWeight({self.format}, shape={self.shape}{layout})"
 
     def interleaved(self) -> "QuantizedWeight":
-        """A copy laid out 4 rows block by block for q8_0, q4_0 and q4_1 (decode reads one
-        stream per 4 rows); other formats, or one already interleaved, as a plain copy."""
+        """A copy in 4-row tiles for q8_0, q4_0 and q4_1 (decode's dot products then need no
+        shuffling); other formats, or one already tiled, as a plain copy."""
         if self.interleave == 4 or FORMATS[self.format][0] != 32:
             return QuantizedWeight(np.array(self.data), self.format, self.in_features,
                                    self.interleave)
@@ -115,7 +115,7 @@ class QuantizedWeight:
 
     def rows(self) -> np.ndarray:
         """The blocks as GGUF lays them out, [out_features, row_bytes] (self.data, or a copy
-        when interleaved)."""
+        when tiled)."""
         if self.interleave == 1:
             return self.data
         return _regroup(self.data, self.format, False)
