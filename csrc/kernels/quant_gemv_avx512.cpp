@@ -384,14 +384,11 @@ inline __m128 step_q4x4(const Group& g, const GroupTable& t, int64_t b0, int i, 
   }
   const __m512i low4 = _mm512_set1_epi8(0x0F);
   __m512i dot[kRows];
-  if (g.interleaved) prefetch_run<16 * bytes, false>(g.rows[0] + b * g.stride, 0, far);
 #pragma GCC unroll 4
-  for (int r = 0; r < kRows; ++r) {
+  for (int r = 0; r < kRows; ++r) {  // plain rows only: a tiled group's rest is < 4 blocks
     const uint8_t* a = g.rows[r] + b * g.stride + skip;
-    if (!g.interleaved) {
-      _mm_prefetch(reinterpret_cast<const char*>(a) + far, _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(a) + far + 64, _MM_HINT_T1);
-    }
+    _mm_prefetch(reinterpret_cast<const char*>(a) + far, _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(a) + far + 64, _MM_HINT_T1);
     __m512i v = _mm512_castsi128_si512(load128(a));
     v = _mm512_inserti32x4(v, load128(a + g.stride), 1);
     v = _mm512_inserti32x4(v, load128(a + 2 * g.stride), 2);
@@ -423,7 +420,7 @@ constexpr bool nibble_order(QuantFormat f) { return f == QuantFormat::q4_0 || f 
 // rate without, 0.71-0.84 with prefetches 16 KiB ahead).
 template <QuantFormat F>
 inline __m128 step_tiled(const uint8_t* quad, const Token& x, int64_t b, __m128 acc) {
-  constexpr int head = F == QuantFormat::q4_1 ? 4 : 2;
+  constexpr int head = head_bytes(F);
   const int32_t* xq = x.tiled + (b / 4) * kTiledWords;
   auto xv = [&](int c) {  // words 4c .. 4c + 3 in every 128-bit lane
     return _mm512_broadcast_i32x4(_mm_load_si128(reinterpret_cast<const __m128i*>(xq + 4 * c)));

@@ -97,7 +97,14 @@ namespace {
 // at the group's start + (4b + r) blocks); rows past the last whole group as plain rows.
 constexpr int kTileRows = 4;
 
-inline int64_t head_bytes(QuantFormat f) { return f == QuantFormat::q4_1 ? 4 : 2; }
+constexpr int head_bytes(QuantFormat f) { return f == QuantFormat::q4_1 ? 4 : 2; }
+
+// Within a quad, where block j of row r keeps its f16 head piece k (d, then q4_1's m) and its
+// quant word c (bytes 4c .. 4c + 3), for a format of `head` head bytes.
+inline int64_t tile_head_at(int j, int r, int k) { return 32 * k + 2 * (4 * j + r); }
+inline int64_t tile_word_at(int head, int j, int r, int64_t c) {
+  return 16 * head + 64 * c + 4 * (4 * r + j);
+}
 
 // Row n of the weight, and its block b as GGUF's bytes.
 struct WeightRow {
@@ -113,12 +120,11 @@ struct WeightRow {
     if (lane < 0) return p + b * bb;
     if (b >= 4 * quads) return p + (4 * b + lane) * bb;
     const uint8_t* q = p + (b / 4) * 16 * bb;
-    const int j = static_cast<int>(b % 4), h = 4 * j + lane, l = 4 * lane + j;
-    std::memcpy(buf, q + 2 * h, 2);
-    if (head == 4) std::memcpy(buf + 2, q + 32 + 2 * h, 2);
-    const uint8_t* codes = q + 16 * head;
-    const int chunks = bb == 34 ? 8 : 4;  // q8_0's 32 codes, or q4's 16 nibble bytes
-    for (int c = 0; c < chunks; ++c) std::memcpy(buf + head + 4 * c, codes + 64 * c + 4 * l, 4);
+    const int j = static_cast<int>(b % 4);
+    for (int k = 0; k < head / 2; ++k) std::memcpy(buf + 2 * k, q + tile_head_at(j, lane, k), 2);
+    const int words = bb == 34 ? 8 : 4;  // q8_0's 32 codes, or q4's 16 nibble bytes
+    for (int c = 0; c < words; ++c)
+      std::memcpy(buf + head + 4 * c, q + tile_word_at(head, j, lane, c), 4);
     return buf;
   }
 };
@@ -126,8 +132,8 @@ struct WeightRow {
 inline WeightRow weight_row(const QuantArgs& a, int64_t n) {
   if (n >= a.interleaved_rows) return {a.w + n * a.w_row_bytes, a.w_block_bytes, -1, 0, 0};
   const int64_t r = n % kTileRows;
-  return {a.w + (n - r) * a.w_row_bytes, a.w_block_bytes, static_cast<int>(r),
-          static_cast<int>(head_bytes(a.format)), a.in_features / 32 / 4};
+  return {a.w + (n - r) * a.w_row_bytes, a.w_block_bytes, static_cast<int>(r), head_bytes(a.format),
+          a.in_features / 32 / 4};
 }
 
 inline float half_to_float(const uint8_t* p) {  // little-endian f16 at any alignment

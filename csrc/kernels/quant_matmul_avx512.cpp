@@ -192,7 +192,7 @@ template <QuantFormat F, int R>
 void fill_panel(const WeightRow (&rows)[R], int64_t b0, int i0, int n, int64_t prefetch,
                 Panel<R>& p) {
   constexpr int64_t bb = block_bytes<F>();
-  constexpr int head = F == QuantFormat::q4_1 ? 4 : 2;
+  constexpr int head = head_bytes(F);
   const __m512i low4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int g = 0; g < R / 4; ++g) {
     const uint8_t* group = rows[4 * g].p;

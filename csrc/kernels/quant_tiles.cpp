@@ -9,6 +9,7 @@
 
 #include "engine/check.h"
 #include "engine/ops.h"
+#include "quant_kernels.h"
 
 namespace engine {
 namespace {
@@ -28,14 +29,13 @@ void group(uint8_t* rows, uint8_t* tiles, int64_t row_bytes, int64_t bb, int hea
   const int64_t blocks = row_bytes / bb, quads = blocks / 4;
   for (int64_t q = 0; q < quads; ++q) {
     uint8_t* tile = tiles + q * 16 * bb;
-    uint8_t* codes = tile + 16 * head;
     for (int j = 0; j < 4; ++j)
       for (int r = 0; r < 4; ++r) {
         uint8_t* block = rows + r * row_bytes + (4 * q + j) * bb;
-        for (int piece = 0; piece < head / 2; ++piece)  // d, then q4_1's m
-          move(block + 2 * piece, tile + 32 * piece + 2 * (4 * j + r), 2, to_tiles);
+        for (int k = 0; k < head / 2; ++k)  // d, then q4_1's m
+          move(block + 2 * k, tile + quant_detail::tile_head_at(j, r, k), 2, to_tiles);
         for (int64_t c = 0; c < (bb - head) / 4; ++c)
-          move(block + head + 4 * c, codes + 64 * c + 4 * (4 * r + j), 4, to_tiles);
+          move(block + head + 4 * c, tile + quant_detail::tile_word_at(head, j, r, c), 4, to_tiles);
       }
   }
   for (int64_t b = 4 * quads; b < blocks; ++b)
@@ -70,7 +70,7 @@ void quant_tiles(const TensorView& src, const std::string& format, bool to_tiles
   // Only out is written; group() reads through the side it does not write.
   uint8_t* s = const_cast<uint8_t*>(src.ptr<const uint8_t>());
   uint8_t* o = out.ptr<uint8_t>();
-  const int head = static_cast<int>(f == QuantFormat::q4_1 ? 4 : 2);
+  const int head = quant_detail::head_bytes(f);
 #pragma omp parallel for schedule(static) if (groups >= 64)
   for (int64_t g = 0; g < groups; ++g) {
     uint8_t* a = s + 4 * g * row_bytes;

@@ -42,6 +42,12 @@ def _dequantized(w):
     return w
 
 
+def _tiles_quantised(device: str) -> bool:
+    """Whether q8_0 / q4_0 / q4_1 blocks are laid out in 4-row tiles: on the CPU, where the
+    AVX-512 VNNI kernels run (QuantizedWeight.interleaved)."""
+    return device == "cpu" and ops.quant_kernel() == "avx512_vnni"
+
+
 class Workspace:
     """Activation buffers sized once for max_num_tokens / max_num_seqs; steps take views."""
 
@@ -98,7 +104,7 @@ class LlamaForCausalLM:
         # kernels run (QuantizedWeight.interleaved: the same blocks and results; the decode
         # kernel reads a tile without shuffles).
         pack = device == "cpu" and quantization is None
-        tile = device == "cpu" and ops.quant_kernel() == "avx512_vnni"
+        tile = _tiles_quantised(device)
 
         def packed(w):
             if isinstance(w, QuantizedWeight):
@@ -179,8 +185,7 @@ class LlamaForCausalLM:
                 return w  # already stored quantised
             try:
                 q = QuantizedWeight.quantize(w, to)
-                tile = self.device == "cpu" and ops.quant_kernel() == "avx512_vnni"
-                return q.interleaved() if tile else q
+                return q.interleaved() if _tiles_quantised(self.device) else q
             except ValueError as e:
                 raise ValueError(f"quantization={fmt!r}: {what} {w.shape}: {e}") from None
 
