@@ -230,8 +230,50 @@ void group_table(const Group& grp, int64_t b0, int nb, GroupTable& t) {
       _mm512_storeu_ps(&t.scale[i][0], d4);
       _mm512_storeu_ps(&t.scale[i + 4][0], d4);
     }
-  } else {
-    for (int r = 0; r < kRows; ++r) row_table<F>({rows[r], 0, -1, 0, 0}, b0, nb, t.lane(r));
+  } else {  // q4_k
+    // Per 256-value superblock and row: f16 d and dmin, then 12 bytes a, b, c (4 each)
+    // holding 8 six-bit scales and 8 mins (q4_k_scales): scales 0..3 = a & 63, mins 0..3 =
+    // b & 63, scales 4..7 = (c & 15) | (a >> 6) << 4, mins 4..7 = (c >> 4) | (b >> 6) << 4,
+    // bytewise. One 32-bit lane per row does the 4 rows at once; a byte shuffle then puts
+    // value j of row r at 4j + r, the table's [block][row] order. row_table's scalar loop
+    // had been most of this kernel's instructions.
+    const __m128i low6 = _mm_set1_epi8(0x3F), low4 = _mm_set1_epi8(0x0F);
+    const __m128i top2 = _mm_set1_epi8(0x30);  // (x >> 6) << 4 of each byte, after x >> 2
+    const __m128i by_value = _mm_set_epi8(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0);
+    for (int i = 0; i < nb; i += 8) {
+      alignas(16) uint32_t w[3][kRows];
+      uint64_t d = 0, dmin = 0;
+      for (int r = 0; r < kRows; ++r) {
+        const uint8_t* sb = rows[r] + (b0 + i) / 8 * 144;
+        std::memcpy(w[0] + r, sb + 4, 4);
+        std::memcpy(w[1] + r, sb + 8, 4);
+        std::memcpy(w[2] + r, sb + 12, 4);
+        uint16_t h[2];
+        std::memcpy(h, sb, 4);
+        d |= static_cast<uint64_t>(h[0]) << (16 * r);
+        dmin |= static_cast<uint64_t>(h[1]) << (16 * r);
+      }
+      const __m128i a = _mm_load_si128(reinterpret_cast<const __m128i*>(w[0]));
+      const __m128i b = _mm_load_si128(reinterpret_cast<const __m128i*>(w[1]));
+      const __m128i c = _mm_load_si128(reinterpret_cast<const __m128i*>(w[2]));
+      const __m128i sc_lo = _mm_and_si128(a, low6), m_lo = _mm_and_si128(b, low6);
+      const __m128i sc_hi =
+          _mm_or_si128(_mm_and_si128(c, low4), _mm_and_si128(_mm_srli_epi32(a, 2), top2));
+      const __m128i m_hi = _mm_or_si128(_mm_and_si128(_mm_srli_epi32(c, 4), low4),
+                                        _mm_and_si128(_mm_srli_epi32(b, 2), top2));
+      const __m512 dv = _mm512_broadcast_f32x4(_mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<int64_t>(d))));
+      const __m512 mv = _mm512_broadcast_f32x4(
+          _mm_xor_ps(_mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<int64_t>(dmin))),
+                     _mm_set1_ps(-0.0f)));  // -dmin
+      auto put = [&](float* dst, __m128i v, __m512 f) {  // dst[4j + r] = f * value j of row r
+        const __m512 x = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_shuffle_epi8(v, by_value)));
+        _mm512_storeu_ps(dst, _mm512_mul_ps(x, f));
+      };
+      put(&t.scale[i][0], sc_lo, dv);
+      put(&t.scale[i + 4][0], sc_hi, dv);
+      put(&t.min[i][0], m_lo, mv);
+      put(&t.min[i + 4][0], m_hi, mv);
+    }
   }
 }
 
