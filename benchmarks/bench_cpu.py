@@ -8,7 +8,9 @@ Models: SmolLM2-135M-Instruct from its GGUF (Q4_1 layers, Q8_0 embedding: the by
 reads), plus f16 and Q8_0 GGUFs that llama.cpp's converter writes from the same weights
 dequantised; and a random Llama of 1.07B parameters (hidden 2048, 16 layers, Llama-3.2-1B's
 shape with SmolLM2's vocabulary) as bf16 safetensors, converted to GGUF f16 and Q8_0 by the
-converter in the llama-cpp-python sdist, and to Q4_0 by llama.cpp's own quantiser.
+converter in the llama-cpp-python sdist, and to Q4_0 and Q4_K_M (Q4_K layers, Q6_K for half
+the attention V and FFN down and the LM head: the usual GGUF download) by llama.cpp's own
+quantiser.
 
 Batch 1 runs engine and llama.cpp in lockstep: two fresh worker processes load their model,
 prefill the same 512-token prompt in turns (3 times each, ABBA order), then decode in turns

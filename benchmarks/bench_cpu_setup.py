@@ -92,7 +92,7 @@ def cases(models: list[str]) -> dict[str, dict]:
             path = str(MODELS / f"smollm2-{fmt}.gguf")
             out[f"smollm2 {fmt}"] = {"engine": path, "llama.cpp": path}
     if "llama1b" in models:
-        for fmt in ("f16", "q8_0", "q4_0"):
+        for fmt in ("f16", "q8_0", "q4_0", "q4_k_m"):
             path = str(MODELS / f"llama1b-{fmt}.gguf")
             out[f"llama1b {fmt}"] = {"engine": path, "llama.cpp": path, "batched": fmt == "q8_0"}
         out["llama1b f16"]["transformers"] = str(MODELS / "llama1b-bf16")
@@ -100,7 +100,7 @@ def cases(models: list[str]) -> dict[str, dict]:
 
 
 def require_setup() -> None:
-    missing = [p for p in (SITE / "llama_cpp", MODELS / "llama1b-q4_0.gguf",
+    missing = [p for p in (SITE / "llama_cpp", MODELS / "llama1b-q4_k_m.gguf",
                            MODELS / "smollm2-f16.gguf") if not p.exists()]
     if missing:
         raise SystemExit(f"missing {', '.join(map(str, missing))}: run "
@@ -149,12 +149,13 @@ def convert(folder: Path, fmt: str, out: Path) -> None:
              "--outfile", out])
 
 
-def quantize_q4_0(src: Path, dst: Path) -> None:
+def quantize(src: Path, dst: Path, ftype: str) -> None:
+    """llama.cpp's own quantiser: ftype names a LLAMA_FTYPE_MOSTLY_* (Q4_0, Q4_K_M)."""
     if dst.exists():
         return
     code = ("import ctypes, sys, llama_cpp as l\n"
             "p = l.llama_model_quantize_default_params()\n"
-            "p.ftype = l.LLAMA_FTYPE_MOSTLY_Q4_0\n"
+            f"p.ftype = l.LLAMA_FTYPE_MOSTLY_{ftype}\n"
             "p.nthread = 2\n"
             "sys.exit(l.llama_model_quantize(sys.argv[1].encode(), sys.argv[2].encode(), "
             "ctypes.byref(p)))\n")
@@ -223,5 +224,6 @@ def run_setup() -> None:
     write_random_llama(llama, smollm2)
     for fmt in ("f16", "q8_0"):
         convert(llama, fmt, MODELS / f"llama1b-{fmt}.gguf")
-    quantize_q4_0(MODELS / "llama1b-f16.gguf", MODELS / "llama1b-q4_0.gguf")
+    for ftype in ("Q4_0", "Q4_K_M"):
+        quantize(MODELS / "llama1b-f16.gguf", MODELS / f"llama1b-{ftype.lower()}.gguf", ftype)
     print(f"setup done in {BENCH_DIR}")

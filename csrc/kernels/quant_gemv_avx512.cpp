@@ -385,11 +385,9 @@ inline __m128 step_q4k(const Group& g, const GroupTable& t, int64_t b0, int i, c
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) {
     const uint8_t* p = g.rows[r] + (b / 8) * 144 + 16 + 16 * (b % 8);
-    const char* ahead = reinterpret_cast<const char*>(g.rows[r]) + prefetch + b * 18;
-    _mm_prefetch(ahead, _MM_HINT_T0);
-    _mm_prefetch(ahead + 64, _MM_HINT_T0);
-    _mm_prefetch(ahead + kFarAhead, _MM_HINT_T1);
-    _mm_prefetch(ahead + kFarAhead + 64, _MM_HINT_T1);
+    const char* ahead = reinterpret_cast<const char*>(g.rows[r]) + prefetch + kFarAhead + b * 18;
+    _mm_prefetch(ahead, _MM_HINT_T1);  // into L2 only, as step_q4x4
+    _mm_prefetch(ahead + 64, _MM_HINT_T1);
     const __m512i v = _mm512_loadu_si512(p);
     lo[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(v, low4), xlo);
     hi[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(),
@@ -608,6 +606,38 @@ void row_group(const QuantArgs& a, const Token& x, int64_t n0, int num_rows) {
   }
 }
 
+// Q4_K rows [n0, n0 + 8), plain: two groups stepped side by side. A group's float work is
+// one chain of dependent FMAs (two a block, in block order: the bits do not depend on the
+// kernel), and the two chains hide each other's latency.
+void row_pair_q4k(const QuantArgs& a, const Token& x, int64_t n0) {
+  const int64_t nb = a.in_features / 32;
+  Group g[2];
+  for (int h = 0; h < 2; ++h) {
+    for (int r = 0; r < kRows; ++r) g[h].rows[r] = weight_row(a, n0 + kRows * h + r).p;
+    g[h].stride = block_bytes<QuantFormat::q4_k>();
+    g[h].interleaved = false;
+  }
+  const int64_t prefetch = std::max<int64_t>(kNearAhead, 2 * kRows * a.w_row_bytes);
+  GroupTable t[2];
+  for (int64_t b0 = 0; b0 < nb; b0 += kKBlock / 32) {
+    const int n = static_cast<int>(std::min<int64_t>(kKBlock / 32, nb - b0));  // n % 8 == 0
+    group_table<QuantFormat::q4_k>(g[0], b0, n, x.d, t[0]);
+    group_table<QuantFormat::q4_k>(g[1], b0, n, x.d, t[1]);
+    __m128 acc[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
+    for (int j = 0; j < n; j += 4) {
+      acc[0] = step_q4k(g[0], t[0], b0, j, x, prefetch, acc[0]);
+      acc[1] = step_q4k(g[1], t[1], b0, j, x, prefetch, acc[1]);
+    }
+    alignas(16) float v[2 * kRows];
+    _mm_store_ps(v, acc[0]);
+    _mm_store_ps(v + kRows, acc[1]);
+    for (int r = 0; r < 2 * kRows; ++r) {
+      float& o = a.out[n0 + r];
+      o = (b0 > 0 ? o : a.bias ? a.bias[n0 + r] : 0.0f) + v[r];
+    }
+  }
+}
+
 template <QuantFormat F>
 void run(const QuantArgs& a, const Token& x) {
   const int64_t num_threads = std::max(1, omp_get_max_threads());
@@ -618,6 +648,8 @@ void run(const QuantArgs& a, const Token& x) {
   for (int64_t p = 0; p < num_parts; ++p) {
     const int64_t n1 = std::min(a.out_features, (p + 1) * part_rows);
     int64_t n = p * part_rows;
+    if constexpr (F == QuantFormat::q4_k)
+      for (; n + 2 * kRows <= n1; n += 2 * kRows) row_pair_q4k(a, x, n);
     for (; n < n1; n += kRows)
       row_group<F>(a, x, n, static_cast<int>(std::min<int64_t>(kRows, n1 - n)));
   }
