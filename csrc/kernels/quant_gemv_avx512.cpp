@@ -262,7 +262,8 @@ void group_table(const Group& grp, int64_t b0, int nb, const float* xd, GroupTab
           _mm_or_si128(_mm_and_si128(c, low4), _mm_and_si128(_mm_srli_epi32(a, 2), top2));
       const __m128i m_hi = _mm_or_si128(_mm_and_si128(_mm_srli_epi32(c, 4), low4),
                                         _mm_and_si128(_mm_srli_epi32(b, 2), top2));
-      const __m512 dv = _mm512_broadcast_f32x4(_mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<int64_t>(d))));
+      const __m512 dv =
+          _mm512_broadcast_f32x4(_mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<int64_t>(d))));
       const __m512 mv = _mm512_broadcast_f32x4(
           _mm_xor_ps(_mm_cvtph_ps(_mm_cvtsi64_si128(static_cast<int64_t>(dmin))),
                      _mm_set1_ps(-0.0f)));  // -dmin
@@ -375,10 +376,11 @@ inline __m128 step(const Group& g, const GroupTable& t, int64_t b0, int i, const
 inline __m128 step_q4k(const Group& g, const GroupTable& t, int64_t b0, int i, const Token& x,
                        int64_t prefetch, __m128 acc) {
   const int64_t b = b0 + i;
+  auto codes = [&](int64_t block) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * block));
+  };
   auto pair = [&](int64_t first) {  // the codes of blocks first and first + 2
-    return _mm512_inserti64x4(
-        _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * first))),
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + 32 * (first + 2))), 1);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(codes(first)), codes(first + 2), 1);
   };
   const __m512i xlo = pair(b), xhi = pair(b + 1), low4 = _mm512_set1_epi8(0x0F);
   __m512i lo[kRows], hi[kRows];
