@@ -406,6 +406,54 @@ inline __m128 step_q4k(const Group& g, const GroupTable& t, int64_t b0, int i, c
   return acc;
 }
 
+// Q6_K blocks b0 + i .. b0 + i + 3 (i % 4 == 0: one 128-value half of a superblock). Both
+// block pairs of the half take their low 4 bits from the same 64 bytes of ql (low nibbles,
+// then high ones) and their top 2 from the same 32 bytes of qh (bits 0-1 and 2-3 of each
+// byte, then 4-5 and 6-7), so each is loaded once for the 4 blocks, not once a pair as in
+// step. The same exact dots and float operations in block order as step.
+inline __m128 step_q6k(const Group& g, const GroupTable& t, int64_t b0, int i, const Token& x,
+                       int64_t prefetch, __m128 acc) {
+  const int64_t b = b0 + i;
+  const __m512i xa = _mm512_loadu_si512(x.q + 32 * b), xb = _mm512_loadu_si512(x.q + 32 * b + 64);
+  const __m512i thirty_two = _mm512_set1_epi8(32);  // offset_of<q6_k>
+  const __m512i seed_a =
+      _mm512_sub_epi32(_mm512_setzero_si512(),
+                       _mm512_dpbusd_epi32(_mm512_setzero_si512(), thirty_two, xa));
+  const __m512i seed_b =
+      _mm512_sub_epi32(_mm512_setzero_si512(),
+                       _mm512_dpbusd_epi32(_mm512_setzero_si512(), thirty_two, xb));
+  const __m512i low4 = _mm512_set1_epi8(0x0F), top2 = _mm512_set1_epi8(0x30);
+  auto join = [](__m256i lo, __m256i hi) {
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  };
+  __m512i lower[kRows], upper[kRows];
+#pragma GCC unroll 4
+  for (int r = 0; r < kRows; ++r) {
+    const uint8_t* sb = g.rows[r] + (b / 8) * 210;
+    const int half = static_cast<int>(b % 8) / 4;
+    const char* ahead = reinterpret_cast<const char*>(g.rows[r]) + prefetch + kFarAhead + b * 26;
+    _mm_prefetch(ahead, _MM_HINT_T1);
+    _mm_prefetch(ahead + 64, _MM_HINT_T1);
+    const __m512i ql = _mm512_loadu_si512(sb + 64 * half);
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 128 + 32 * half));
+    const __m512i hi_a =
+        _mm512_and_si512(join(_mm256_slli_epi16(qh, 4), _mm256_slli_epi16(qh, 2)), top2);
+    const __m512i hi_b = _mm512_and_si512(join(qh, _mm256_srli_epi16(qh, 2)), top2);
+    const __m512i codes_a = _mm512_or_si512(_mm512_and_si512(ql, low4), hi_a);
+    const __m512i codes_b =
+        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), low4), hi_b);
+    lower[r] = _mm512_dpbusd_epi32(seed_a, codes_a, xa);
+    upper[r] = _mm512_dpbusd_epi32(seed_b, codes_b, xb);
+  }
+  __m128i d[4];  // blocks b .. b + 3
+  block_dots<QuantFormat::q6_k>(lower, t, i, d[0], d[1]);
+  block_dots<QuantFormat::q6_k>(upper, t, i + 2, d[2], d[3]);
+#pragma GCC unroll 4
+  for (int j = 0; j < 4; ++j)
+    acc = block_fma<QuantFormat::q6_k>(acc, d[j], t, i + j, x.d[b + j], x.s[b + j]);
+  return acc;
+}
+
 // q4_0 / q4_1 in 256-bit halves: a block pair's 32 nibble bytes [A | B] give the low codes
 // (values 0..15 of A and B) and the high ones (16..31), met by x stored in that order
 // ([A 0..15, B 0..15, A 16..31, B 16..31] per pair, see nibble_order): lanes 0-3 of the dot
@@ -591,6 +639,8 @@ void row_group(const QuantArgs& a, const Token& x, int64_t n0, int num_rows) {
     int j = 0;
     if constexpr (F == QuantFormat::q4_k) {
       for (; j < m; j += 4) acc = step_q4k(g, t, c0, j, x, prefetch, acc);  // m % 8 == 0
+    } else if constexpr (F == QuantFormat::q6_k) {
+      for (; j < m; j += 4) acc = step_q6k(g, t, c0, j, x, prefetch, acc);
     } else if constexpr (nibble_order(F)) {
       for (; j + 3 < m; j += 4) acc = step_q4x4<F>(g, t, c0, j, x, prefetch + kFarAhead, acc);
       for (; j + 1 < m; j += 2) acc = step_q4<F, false>(g, t, c0, j, x, prefetch, acc);
@@ -611,24 +661,30 @@ void row_group(const QuantArgs& a, const Token& x, int64_t n0, int num_rows) {
 // Q4_K rows [n0, n0 + 8), plain: two groups stepped side by side. A group's float work is
 // one chain of dependent FMAs (two a block, in block order: the bits do not depend on the
 // kernel), and the two chains hide each other's latency.
-void row_pair_q4k(const QuantArgs& a, const Token& x, int64_t n0) {
+template <QuantFormat F>
+void row_pair(const QuantArgs& a, const Token& x, int64_t n0) {
   const int64_t nb = a.in_features / 32;
   Group g[2];
   for (int h = 0; h < 2; ++h) {
     for (int r = 0; r < kRows; ++r) g[h].rows[r] = weight_row(a, n0 + kRows * h + r).p;
-    g[h].stride = block_bytes<QuantFormat::q4_k>();
+    g[h].stride = block_bytes<F>();
     g[h].interleaved = false;
   }
   const int64_t prefetch = std::max<int64_t>(kNearAhead, 2 * kRows * a.w_row_bytes);
   GroupTable t[2];
   for (int64_t b0 = 0; b0 < nb; b0 += kKBlock / 32) {
     const int n = static_cast<int>(std::min<int64_t>(kKBlock / 32, nb - b0));  // n % 8 == 0
-    group_table<QuantFormat::q4_k>(g[0], b0, n, x.d, t[0]);
-    group_table<QuantFormat::q4_k>(g[1], b0, n, x.d, t[1]);
+    group_table<F>(g[0], b0, n, x.d, t[0]);
+    group_table<F>(g[1], b0, n, x.d, t[1]);
     __m128 acc[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
     for (int j = 0; j < n; j += 4) {
-      acc[0] = step_q4k(g[0], t[0], b0, j, x, prefetch, acc[0]);
-      acc[1] = step_q4k(g[1], t[1], b0, j, x, prefetch, acc[1]);
+      if constexpr (F == QuantFormat::q4_k) {
+        acc[0] = step_q4k(g[0], t[0], b0, j, x, prefetch, acc[0]);
+        acc[1] = step_q4k(g[1], t[1], b0, j, x, prefetch, acc[1]);
+      } else {
+        acc[0] = step_q6k(g[0], t[0], b0, j, x, prefetch, acc[0]);
+        acc[1] = step_q6k(g[1], t[1], b0, j, x, prefetch, acc[1]);
+      }
     }
     alignas(16) float v[2 * kRows];
     _mm_store_ps(v, acc[0]);
@@ -650,8 +706,8 @@ void run(const QuantArgs& a, const Token& x) {
   for (int64_t p = 0; p < num_parts; ++p) {
     const int64_t n1 = std::min(a.out_features, (p + 1) * part_rows);
     int64_t n = p * part_rows;
-    if constexpr (F == QuantFormat::q4_k)
-      for (; n + 2 * kRows <= n1; n += 2 * kRows) row_pair_q4k(a, x, n);
+    if constexpr (k_quant<F>())
+      for (; n + 2 * kRows <= n1; n += 2 * kRows) row_pair<F>(a, x, n);
     for (; n < n1; n += kRows)
       row_group<F>(a, x, n, static_cast<int>(std::min<int64_t>(kRows, n1 - n)));
   }
