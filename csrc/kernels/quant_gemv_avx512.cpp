@@ -31,36 +31,17 @@ inline __m128i load128(const uint8_t* p) {
   return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
 }
 
-// The unsigned codes of blocks b, b + 1 (b even; kHalf: block b alone, the rest 0), for
-// q8_0 (a row's blocks `stride` bytes apart) and the k-quants (q4_0 / q4_1 take step_q4
-// below).
-template <QuantFormat F, bool kHalf>
+// q8_0's unsigned codes of blocks b, b + 1 (b even; kHalf: block b alone, the rest 0), a
+// row's blocks `stride` bytes apart. (q4_0 / q4_1 take step_q4 below, the k-quants step_q4k
+// and step_q6k.)
+template <bool kHalf>
 inline __m512i codes64(const uint8_t* row, int64_t b, int64_t stride) {
-  if constexpr (F == QuantFormat::q8_0) {
-    const uint8_t* a = row + b * stride;
-    const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 2));
-    const __m256i hi = kHalf ? _mm256_set1_epi8(static_cast<char>(0x80))
-                             : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + stride + 2));
-    return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
-                            _mm512_set1_epi8(static_cast<char>(0x80)));
-  } else if constexpr (F == QuantFormat::q4_k) {
-    const __m256i raw = _mm256_loadu_si256(
-        reinterpret_cast<const __m256i*>(row + (b / 8) * 144 + 16 + 16 * (b % 8)));
-    const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(raw), _mm256_srli_epi16(raw, 4), 1);
-    return _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
-  } else {  // q6_k: blocks b, b + 1 are the low or high nibbles of one 64-byte half
-    const uint8_t* sb = row + (b / 8) * 210;
-    const int j = static_cast<int>(b % 8) / 2, half = j / 2, upper = j % 2;
-    const __m512i ql = _mm512_loadu_si512(sb + 64 * half);
-    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sb + 128 + 32 * half));
-    const __m512i lo = _mm512_and_si512(upper ? _mm512_srli_epi16(ql, 4) : ql,
-                                        _mm512_set1_epi8(0x0F));
-    const __m256i h0 = upper ? qh : _mm256_slli_epi16(qh, 4);
-    const __m256i h1 = upper ? _mm256_srli_epi16(qh, 2) : _mm256_slli_epi16(qh, 2);
-    const __m512i hi = _mm512_and_si512(
-        _mm512_inserti64x4(_mm512_castsi256_si512(h0), h1, 1), _mm512_set1_epi8(0x30));
-    return _mm512_or_si512(lo, hi);
-  }
+  const uint8_t* a = row + b * stride;
+  const __m256i lo = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + 2));
+  const __m256i hi = kHalf ? _mm256_set1_epi8(static_cast<char>(0x80))
+                           : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + stride + 2));
+  return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1),
+                          _mm512_set1_epi8(static_cast<char>(0x80)));
 }
 
 // The 4 rows a group streams: row r's block b at rows[r] + b * stride. Interleaved: the
@@ -89,7 +70,6 @@ struct GroupTable {
   alignas(64) float scale[kKBlock / 32][kRows];
   alignas(64) float min[kKBlock / 32][kRows];
   alignas(64) int32_t sc6[kKBlock / 32][2][kRows];
-  TableView lane(int r) { return {&scale[0][r], &min[0][r], &sc6[0][0][r], kRows}; }
 };
 
 // The token, quantised: codes, and per block d and s = d * sum(codes); for tiled weights
@@ -135,8 +115,7 @@ inline void store_heads(float* dst, __m128i h) { _mm256_storeu_ps(dst, _mm256_cv
 // The tables of blocks [b0, b0 + nb) for the group's rows. The 32-value formats take each
 // row's heads with one permute per kHeadBlocks blocks, interleave the 4 rows and convert
 // (the same f32 values row_table gives; instead of 4 scalar loads a block, 2048 x 2048 in
-// cache on one core: q4_0 120 -> 110 us, q4_1 149 -> 126 us); Q6_K as below; Q4_K takes
-// row_table.
+// cache on one core: q4_0 120 -> 110 us, q4_1 149 -> 126 us); Q6_K and Q4_K as below.
 template <QuantFormat F>
 void group_table(const Group& grp, int64_t b0, int nb, const float* xd, GroupTable& t) {
   const uint8_t* const(&rows)[kRows] = grp.rows;
@@ -332,7 +311,7 @@ inline __m128 block_fma(__m128 acc, __m128i dot, const GroupTable& t, int i, flo
   return acc;
 }
 
-// Blocks b0 + i, b0 + i + 1 (kHalf: b0 + i only) of the group against the token.
+// Blocks b0 + i, b0 + i + 1 (kHalf: b0 + i only) of a q8_0 group against the token.
 template <QuantFormat F, bool kHalf>
 inline __m128 step(const Group& g, const GroupTable& t, int64_t b0, int i, const Token& x,
                    int64_t prefetch, __m128 acc) {
@@ -345,12 +324,13 @@ inline __m128 step(const Group& g, const GroupTable& t, int64_t b0, int i, const
     seed = _mm512_sub_epi32(seed, _mm512_dpbusd_epi32(_mm512_setzero_si512(),
                                                       _mm512_set1_epi8(static_cast<char>(o)), xv));
   __m512i dot[kRows];
-  if (!k_quant<F>() && g.interleaved)
+  static_assert(F == QuantFormat::q8_0, "the other formats take their own steps");
+  if (g.interleaved)
     prefetch_run<(kHalf ? 4 : 8) * block_bytes<F>(), true>(g.rows[0] + b * g.stride, prefetch,
                                                            prefetch + kFarAhead);
 #pragma GCC unroll 4
   for (int r = 0; r < kRows; ++r) {
-    if (k_quant<F>() || !g.interleaved) {
+    if (!g.interleaved) {
       const char* ahead =
           reinterpret_cast<const char*>(g.rows[r]) + prefetch + b * block_bytes<F>();
       _mm_prefetch(ahead, _MM_HINT_T0);
@@ -360,7 +340,7 @@ inline __m128 step(const Group& g, const GroupTable& t, int64_t b0, int i, const
         _mm_prefetch(ahead + kFarAhead + 64, _MM_HINT_T1);
       }
     }
-    dot[r] = _mm512_dpbusd_epi32(seed, codes64<F, kHalf>(g.rows[r], b, g.stride), xv);
+    dot[r] = _mm512_dpbusd_epi32(seed, codes64<kHalf>(g.rows[r], b, g.stride), xv);
   }
   __m128i ia, ib;
   block_dots<F>(dot, t, i, ia, ib);
@@ -452,6 +432,16 @@ inline __m128 step_q6k(const Group& g, const GroupTable& t, int64_t b0, int i, c
   for (int j = 0; j < 4; ++j)
     acc = block_fma<QuantFormat::q6_k>(acc, d[j], t, i + j, x.d[b + j], x.s[b + j]);
   return acc;
+}
+
+// A k-quant group's 4 blocks b0 + i .. b0 + i + 3.
+template <QuantFormat F>
+inline __m128 step_k(const Group& g, const GroupTable& t, int64_t b0, int i, const Token& x,
+                     int64_t prefetch, __m128 acc) {
+  if constexpr (F == QuantFormat::q4_k)
+    return step_q4k(g, t, b0, i, x, prefetch, acc);
+  else
+    return step_q6k(g, t, b0, i, x, prefetch, acc);
 }
 
 // q4_0 / q4_1 in 256-bit halves: a block pair's 32 nibble bytes [A | B] give the low codes
@@ -637,10 +627,8 @@ void row_group(const QuantArgs& a, const Token& x, int64_t n0, int num_rows) {
     const int m = n - i;
     if (m > 0) group_table<F>(g, c0, m, x.d, t);
     int j = 0;
-    if constexpr (F == QuantFormat::q4_k) {
-      for (; j < m; j += 4) acc = step_q4k(g, t, c0, j, x, prefetch, acc);  // m % 8 == 0
-    } else if constexpr (F == QuantFormat::q6_k) {
-      for (; j < m; j += 4) acc = step_q6k(g, t, c0, j, x, prefetch, acc);
+    if constexpr (k_quant<F>()) {
+      for (; j < m; j += 4) acc = step_k<F>(g, t, c0, j, x, prefetch, acc);  // m % 8 == 0
     } else if constexpr (nibble_order(F)) {
       for (; j + 3 < m; j += 4) acc = step_q4x4<F>(g, t, c0, j, x, prefetch + kFarAhead, acc);
       for (; j + 1 < m; j += 2) acc = step_q4<F, false>(g, t, c0, j, x, prefetch, acc);
@@ -658,7 +646,7 @@ void row_group(const QuantArgs& a, const Token& x, int64_t n0, int num_rows) {
   }
 }
 
-// Q4_K rows [n0, n0 + 8), plain: two groups stepped side by side. A group's float work is
+// Q4_K or Q6_K rows [n0, n0 + 8), plain: two groups stepped side by side. A group's float work is
 // one chain of dependent FMAs (two a block, in block order: the bits do not depend on the
 // kernel), and the two chains hide each other's latency.
 template <QuantFormat F>
@@ -678,13 +666,8 @@ void row_pair(const QuantArgs& a, const Token& x, int64_t n0) {
     group_table<F>(g[1], b0, n, x.d, t[1]);
     __m128 acc[2] = {_mm_setzero_ps(), _mm_setzero_ps()};
     for (int j = 0; j < n; j += 4) {
-      if constexpr (F == QuantFormat::q4_k) {
-        acc[0] = step_q4k(g[0], t[0], b0, j, x, prefetch, acc[0]);
-        acc[1] = step_q4k(g[1], t[1], b0, j, x, prefetch, acc[1]);
-      } else {
-        acc[0] = step_q6k(g[0], t[0], b0, j, x, prefetch, acc[0]);
-        acc[1] = step_q6k(g[1], t[1], b0, j, x, prefetch, acc[1]);
-      }
+      acc[0] = step_k<F>(g[0], t[0], b0, j, x, prefetch, acc[0]);
+      acc[1] = step_k<F>(g[1], t[1], b0, j, x, prefetch, acc[1]);
     }
     alignas(16) float v[2 * kRows];
     _mm_store_ps(v, acc[0]);
