@@ -67,14 +67,28 @@ void quantize_tile(const QuantArgs& a, int64_t tile, int64_t b0, int64_t b1, Til
 
 // ---- the register tile: R rows x 16 tokens over nb blocks ------------------------------------
 
-// The rows' codes come from block_codes, or (tiled rows) from a Panel's codes[i][r]; their
-// scales, mins and q6_k scale pairs from tv[r] (TableView: entry i at i * stride).
-// before_block(i) runs first at each block (a tiled first token tile fills the panel there).
-template <QuantFormat F, int R, typename Before>
-inline void tile(const WeightRow (&rows)[R], const TableView (&tv)[R], const uint8_t* panel,
-                 int64_t b0, int nb, const TileBlock* xt, int64_t prefetch, __m512 (&acc)[R],
+// Tiled rows' K block as tile() reads it: codes[i][r], the 32 unsigned codes of row r's block
+// b0 + i (block_codes' bytes), and scale[i][r], min[i][r] (row_table's values).
+template <int R>
+struct Panel {
+  alignas(64) uint8_t codes[kKBlock / 32][R][32];
+  alignas(64) float scale[kKBlock / 32][R];
+  alignas(64) float min[kKBlock / 32][R];
+};
+
+// The rows' codes come from block_codes and their scales, mins and q6_k scale pairs from
+// tv[r] (TableView: entry i at i * stride); or, with kPanel (tiled rows), all from *panel, at
+// offsets the compiler knows. before_block(i) runs first at each block (a tiled first token
+// tile fills the panel there).
+template <QuantFormat F, int R, bool kPanel, typename Before>
+inline void tile(const WeightRow (&rows)[R], const TableView (&tv)[R], const Panel<R>* panel,
+                 int64_t b0, int nb, const TileBlock* xt, int64_t prefetch, __m512 (&acc_out)[R],
                  Before&& before_block) {
   alignas(32) uint8_t buf[R][32];
+  // a local copy whose address never escapes: the byte stores of block_codes and the panel
+  // could alias acc_out, which would keep it in memory, stored and reloaded every block
+  __m512 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = acc_out[r];
   for (int i = 0; i < nb; ++i) {
     before_block(i);
     const TileBlock& tb = xt[i];
@@ -98,7 +112,11 @@ inline void tile(const WeightRow (&rows)[R], const TableView (&tv)[R], const uin
     const uint8_t* codes[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      codes[r] = panel ? panel + (i * R + r) * 32 : block_codes<F>(rows[r], b0 + i, buf[r]);
+      if constexpr (kPanel) {
+        codes[r] = panel->codes[i][r];
+        continue;
+      }
+      codes[r] = block_codes<F>(rows[r], b0 + i, buf[r]);
       if (prefetch) {
         // a tiled row's group streams 4 rows' bytes: its step ahead is 4 blocks
         const int64_t step = rows[r].lane >= 0 ? 4 * block_bytes<F>() : block_bytes<F>();
@@ -140,13 +158,16 @@ inline void tile(const WeightRow (&rows)[R], const TableView (&tv)[R], const uin
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      const __m512 f = _mm512_mul_ps(_mm512_set1_ps(tv[r].scale[i * tv[r].stride]), dx);
+      const float scale = kPanel ? panel->scale[i][r] : tv[r].scale[i * tv[r].stride];
+      const __m512 f = _mm512_mul_ps(_mm512_set1_ps(scale), dx);
       acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), f, acc[r]);
-      if constexpr (has_min<F>())
-        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(tv[r].min[i * tv[r].stride]), _mm512_load_ps(tb.s),
-                                 acc[r]);
+      if constexpr (has_min<F>()) {
+        const float min = kPanel ? panel->min[i][r] : tv[r].min[i * tv[r].stride];
+        acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(min), _mm512_load_ps(tb.s), acc[r]);
+      }
     }
   }
+  for (int r = 0; r < R; ++r) acc_out[r] = acc[r];
 }
 
 // out[t0 + lane, n0 + r] = (accumulate ? out : bias or 0) + acc[r][lane] for valid lanes.
@@ -161,15 +182,6 @@ void store(const QuantArgs& a, int64_t t0, int64_t n0, const __m512 (&acc)[R], b
       o[r] = (accumulate ? o[r] : a.bias ? a.bias[n0 + r] : 0.0f) + v[r][l];
   }
 }
-
-// Tiled rows' K block as tile() reads it: codes[i][r], the 32 unsigned codes of row r's block
-// b0 + i (block_codes' bytes), and scale[i][r], min[i][r] (row_table's values).
-template <int R>
-struct Panel {
-  alignas(64) uint8_t codes[kKBlock / 32][R][32];
-  alignas(64) float scale[kKBlock / 32][R];
-  alignas(64) float min[kKBlock / 32][R];
-};
 
 // Rows r, r + 1 of a 128-byte run [r lo | r hi | r + 1 lo | r + 1 hi] from the lanes of lo and
 // hi (lane k: row k's first and second 16 code bytes): the first run rows 0-1, the second 2-3.
@@ -259,10 +271,7 @@ void row_tile(const QuantArgs& a, const TileBlock* tiles, int64_t tile0, int64_t
   RowTable tables[R];
   TableView tv[R];
   for (int r = 0; r < R; ++r) tv[r] = tables[r].view();
-  using PanelT = Panel<can_panel ? R : 4>;
-  PanelT panel;
-  if (tiled)
-    for (int r = 0; r < R; ++r) tv[r] = {&panel.scale[0][r], &panel.min[0][r], nullptr, R};
+  Panel<can_panel ? R : 4> panel;
   for (int64_t b0 = 0; b0 < nb; b0 += kKBlock / 32) {
     const int n = static_cast<int>(std::min<int64_t>(kKBlock / 32, nb - b0));
     if (!tiled)
@@ -280,8 +289,14 @@ void row_tile(const QuantArgs& a, const TileBlock* tiles, int64_t tile0, int64_t
             fill_panel<F, R>(rows, b0, i, std::min(n, i + 4), prefetch, panel);
         }
       };
-      tile<F, R>(rows, tv, tiled ? &panel.codes[0][0][0] : nullptr, b0, n, tiles + t * nb + b0,
-                 t == tile0 && !tiled ? prefetch : 0, acc, fill);
+      const TileBlock* xt = tiles + t * nb + b0;
+      bool done = false;
+      if constexpr (can_panel) {
+        if (tiled) tile<F, R, true>(rows, tv, &panel, b0, n, xt, 0, acc, fill);
+        done = tiled;
+      }
+      if (!done)
+        tile<F, R, false>(rows, tv, nullptr, b0, n, xt, t == tile0 ? prefetch : 0, acc, fill);
       store<R>(a, t * kLanes, n0, acc, b0 > 0);
     }
   }
