@@ -171,8 +171,10 @@ def measure(args) -> dict:
             runs = [run_worker("engine", case["engine"], args.threads, args, batch)
                     for _ in range(args.batch_repeats)]
             results["batched"].setdefault(name, {})[batch] = runs
+            ratios = ", ".join(f"{r['paired_ratio']:.2f}" for r in runs)
             print(f"{name:16s} engine batch {batch:3d}: decode "
-                  f"{median(runs, 'decode_tps'):8.1f} tok/s", flush=True)
+                  f"{median(runs, 'decode_tps'):8.1f} tok/s (x batch 1 per run: {ratios})",
+                  flush=True)
     results["bandwidth"].append(setup.copy_bandwidth(args.threads))
     return results
 
@@ -225,10 +227,12 @@ def report(results: dict, args) -> None:
     for name, by_batch in results["batched"].items():
         for batch, runs in sorted(by_batch.items()):
             tps = median(runs, "decode_tps")
-            paired = statistics.median(r["decode_tps"] / r["batch1_decode_tps"] for r in runs)
+            paired = statistics.median(
+                r.get("paired_ratio", r["decode_tps"] / r["batch1_decode_tps"]) for r in runs)
             ratio_lines.append(f"{name:16s} engine batched decode, {batch} sequences: {tps:.1f} "
                                f"tok/s = {paired:.1f}x batch 1 (median of {len(runs)} runs, each "
-                               f"against one sequence decoded just before in its process)")
+                               f"the median of its rounds against one sequence decoded just "
+                               f"before in its process)")
     print()
     for line in ratio_lines:
         print(line)

@@ -2,12 +2,13 @@
 
     python benchmarks/bench_cpu_worker.py {engine,llama.cpp,transformers} MODEL
         [--threads 2] [--prompt-len 512] [--new-tokens 128] [--batch 1]
-        [--kv-cache-dtype float16] [--lockstep]
+        [--kv-cache-dtype float16] [--lockstep] [--rounds 3]
 
 batch 1: prefill tok/s (one step over the whole prompt) and decode tok/s (every token after
 the first). batch N (engine only): N sequences of 32-token prompts, decode tok/s over the
 steps after their prefill, and just before, in the same process, one such sequence alone
-(batch1_decode_tps): the ratio of the two is paired, not split across minutes of drift.
+(batch1_decode_tps), in --rounds turns (default 3): medians, and the median of the rounds'
+ratios (paired_ratio), so that drift moves one round's pair, not the result.
 Peak RSS is this process's (ru_maxrss).
 
 --lockstep (engine, llama.cpp; batch 1): after the warm-up the worker prints {"ready": true}
@@ -24,6 +25,7 @@ import argparse
 import json
 import platform
 import resource
+import statistics
 import sys
 import time
 
@@ -176,18 +178,26 @@ def run_batch1(runner, args) -> dict:
 
 
 def run_engine_batched(runner, args) -> dict:
-    """N sequences decoded together, against one sequence alone just before."""
-    batch = args.batch
+    """N sequences decoded together, against one sequence alone just before, --rounds times in
+    turn (alone, together, alone, together, ...): the figures are medians over the rounds, and
+    the ratio is the median of each round's together / alone, so that a minute of drift on
+    this shared machine moves one round's pair, not the result."""
+    batch, n = args.batch, args.new_tokens
     runner.start([prompt_ids(32, 99)], 8)
     runner.finish()
-    runner.start([prompt_ids(32, batch)], args.new_tokens)
-    alone = runner.decode(args.new_tokens)
-    runner.finish()
-    prefill = runner.start([prompt_ids(32, s) for s in range(batch)], args.new_tokens)
-    decode = runner.decode(args.new_tokens)
-    runner.finish()
-    return dict(prefill_tps=32 * batch / prefill, decode_tps=batch * args.new_tokens / decode,
-                batch1_decode_tps=args.new_tokens / alone, **runner.info)
+    alone, together, prefill = [], [], []
+    for _ in range(args.rounds):
+        runner.start([prompt_ids(32, batch)], n)
+        alone.append(n / runner.decode(n))
+        runner.finish()
+        prefill.append(32 * batch / runner.start([prompt_ids(32, s) for s in range(batch)], n))
+        together.append(batch * n / runner.decode(n))
+        runner.finish()
+    median = statistics.median
+    return dict(prefill_tps=median(prefill), decode_tps=median(together),
+                batch1_decode_tps=median(alone),
+                paired_ratio=median(t / a for t, a in zip(together, alone)),
+                rounds=dict(alone=alone, together=together), **runner.info)
 
 
 # ---- transformers --------------------------------------------------------------------------
@@ -224,6 +234,7 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--kv-cache-dtype", default="float16", help="engine's KV cache")
     parser.add_argument("--lockstep", action="store_true", help="decode on stdin's commands")
+    parser.add_argument("--rounds", type=int, default=3, help="batch N: alone/together rounds")
     args = parser.parse_args()
     if args.runner == "transformers":
         result = run_transformers(args)
