@@ -112,11 +112,7 @@ inline void tile(const WeightRow (&rows)[R], const TableView (&tv)[R], const Pan
     const uint8_t* codes[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      if constexpr (kPanel) {
-        codes[r] = panel->codes[i][r];
-        continue;
-      }
-      codes[r] = block_codes<F>(rows[r], b0 + i, buf[r]);
+      codes[r] = kPanel ? panel->codes[i][r] : block_codes<F>(rows[r], b0 + i, buf[r]);
       if (prefetch) {
         // a tiled row's group streams 4 rows' bytes: its step ahead is 4 blocks
         const int64_t step = rows[r].lane >= 0 ? 4 * block_bytes<F>() : block_bytes<F>();
@@ -271,7 +267,7 @@ void row_tile(const QuantArgs& a, const TileBlock* tiles, int64_t tile0, int64_t
   RowTable tables[R];
   TableView tv[R];
   for (int r = 0; r < R; ++r) tv[r] = tables[r].view();
-  Panel<can_panel ? R : 4> panel;
+  Panel<R> panel;  // filled and read only where tiled
   for (int64_t b0 = 0; b0 < nb; b0 += kKBlock / 32) {
     const int n = static_cast<int>(std::min<int64_t>(kKBlock / 32, nb - b0));
     if (!tiled)
@@ -290,12 +286,9 @@ void row_tile(const QuantArgs& a, const TileBlock* tiles, int64_t tile0, int64_t
         }
       };
       const TileBlock* xt = tiles + t * nb + b0;
-      bool done = false;
-      if constexpr (can_panel) {
-        if (tiled) tile<F, R, true>(rows, tv, &panel, b0, n, xt, 0, acc, fill);
-        done = tiled;
-      }
-      if (!done)
+      if (tiled)  // tiled implies can_panel
+        tile<F, R, can_panel>(rows, tv, &panel, b0, n, xt, 0, acc, fill);
+      else
         tile<F, R, false>(rows, tv, nullptr, b0, n, xt, t == tile0 ? prefetch : 0, acc, fill);
       store<R>(a, t * kLanes, n0, acc, b0 > 0);
     }
