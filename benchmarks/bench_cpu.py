@@ -13,15 +13,16 @@ the attention V and FFN down and the LM head: the usual GGUF download) by llama.
 quantiser.
 
 Batch 1 runs engine and llama.cpp in lockstep: two fresh worker processes load their model,
-prefill the same 512-token prompt in turns (3 times each, ABBA order), then decode in turns
-of about 0.1 s each (ABBA), with a 1 GiB copy timed between two turns. These machines drift
-by 30% and more within seconds, so separate runs minutes apart compare the machine's moods,
-not the engines; turns compare the engines under the same mood, and the copies give the
-bandwidth roofline of those same seconds. Each of --repeats such pairs is a fresh pair of processes (so peak RSS is each
-one's own); medians are printed, then ratios engine / llama.cpp. Same threads, same prompt,
-128 greedy new tokens. llama-cpp-python is built with AMX off (GCC 12 miscompiles its
-_tile_loadconfig); it and the models live in ~/.cache/engine-bench (ENGINE_BENCH_DIR), never
-in CI.
+prefill the same 512-token prompt in turns (3 times each, ABBA order), then decode in turns of
+about --turn-seconds each (0.25 s, sized from the slower engine's second token: sized from the
+first, which is slower, run 5's turns were 2 tokens), ABBA, with a 1 GiB copy timed between
+two turns. These machines drift by 30% and more within seconds, so separate runs minutes
+apart compare the machine's moods, not the engines; turns compare the engines under the same
+mood, and the copies give the bandwidth roofline of those same seconds. Each of --repeats
+such pairs is a fresh pair of processes (so peak RSS is each one's own); medians are printed,
+then ratios engine / llama.cpp. Same threads, same prompt, 128 greedy new tokens.
+llama-cpp-python is built with AMX off (GCC 12 miscompiles its _tile_loadconfig); it and the
+models live in ~/.cache/engine-bench (ENGINE_BENCH_DIR), never in CI.
 """
 
 from __future__ import annotations
@@ -109,9 +110,9 @@ def copy_probe(buffers: tuple[np.ndarray, np.ndarray], threads: int) -> tuple[in
 
 def lockstep(case: dict, args) -> dict:
     """engine and llama.cpp in turns (ABBA order): --prefills prefills each, then batch-1
-    decode in turns of about 0.1 s, with a copy-bandwidth sample between two turns. All see the
-    same seconds of the machine. Returns each runner's result (prefill and decode tok/s over
-    its turns), the decode turns and the copy rate between them."""
+    decode in turns of about --turn-seconds, with a copy-bandwidth sample between two turns.
+    All see the same seconds of the machine. Returns each runner's result (prefill and decode
+    tok/s over its turns), the decode turns and the copy rate between them."""
     workers = [Lockstep(runner, case[runner], args.threads, args) for runner in PEERS]
 
     def abba(index: int) -> list[Lockstep]:  # who goes first alternates from turn to turn
@@ -120,9 +121,11 @@ def lockstep(case: dict, args) -> dict:
     for i in range(args.prefills):
         for w in abba(i):
             w.tell("prefill")
-    first = [w.tell("1")["seconds"] for w in workers]
-    steps = max(1, round(0.1 / max(first)))
-    left, decode_turns, copies = args.new_tokens - 1, [], []
+    for w in workers:  # the first token after a prefill is slower than the rest
+        w.tell("1")
+    step = max(w.tell("1")["seconds"] for w in workers)  # the slower engine's warm token
+    steps = max(1, round(args.turn_seconds / step))
+    left, decode_turns, copies = args.new_tokens - 2, [], []
     buffers = (np.ones(1 << 30, np.uint8), np.ones(1 << 30, np.uint8))  # as copy_bandwidth
     while left > 0:
         n = min(steps, left)
@@ -279,6 +282,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--prefills", type=int, default=3,
                         help="prefills of the prompt per engine and pair, in turns")
+    parser.add_argument("--turn-seconds", type=float, default=0.25,
+                        help="length of a batch-1 decode turn in lockstep")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--peer-repeats", type=int, default=1, help="transformers runs per case")
     parser.add_argument("--no-transformers", action="store_true")

@@ -117,6 +117,7 @@ void check_batch(const TensorView& q, const TensorView& k_cache, const TensorVie
 // ================================================================================
 
 struct PortableOps {
+  static constexpr bool kSoftwareWiden = true;
   template <typename T>
   static float dot(const float* a, const T* b, int64_t n) {
     float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent sums the compiler can vectorise
@@ -141,6 +142,11 @@ struct PortableOps {
       sum += s[j];
     }
     return sum;
+  }
+  template <typename T>
+  static void widen(const T* x, int64_t x_stride, int64_t n, int64_t dim, float* y) {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < dim; ++i) y[j * dim + i] = to_f32(x[j * x_stride + i]);
   }
   template <typename T>
   static void axpy_rows(float* y, const float* p, const T* x, int64_t x_stride, int64_t n,

@@ -27,6 +27,7 @@ inline __m256 load8(const f16_t* p) {
 }
 
 struct Avx2Ops {
+  static constexpr bool kSoftwareWiden = false;
   template <typename T>
   static float dot(const float* a, const T* b, int64_t n) {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
@@ -41,9 +42,35 @@ struct Avx2Ops {
     return sum;
   }
 
+  // Four keys against one query: q loaded once, the four sums reduced together.
   template <typename T>
   static void dot4(const float* a, const T* b, int64_t b_stride, int64_t n, float* s) {
-    for (int r = 0; r < 4; ++r) s[r] = dot(a, b + r * b_stride, n);
+    if (n % 8 != 0) {
+      for (int r = 0; r < 4; ++r) s[r] = dot(a, b + r * b_stride, n);
+      return;
+    }
+    const T *b0 = b, *b1 = b + b_stride, *b2 = b + 2 * b_stride, *b3 = b + 3 * b_stride;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    for (int64_t i = 0; i < n; i += 8) {
+      const __m256 x = _mm256_loadu_ps(a + i);
+      s0 = _mm256_fmadd_ps(x, load8(b0 + i), s0);
+      s1 = _mm256_fmadd_ps(x, load8(b1 + i), s1);
+      s2 = _mm256_fmadd_ps(x, load8(b2 + i), s2);
+      s3 = _mm256_fmadd_ps(x, load8(b3 + i), s3);
+    }
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));
+    _mm_storeu_ps(s, _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1)));
+  }
+
+  template <typename T>
+  static void widen(const T* x, int64_t x_stride, int64_t n, int64_t dim, float* y) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T* xj = x + j * x_stride;
+      float* yj = y + j * dim;
+      int64_t i = 0;
+      for (; i + 8 <= dim; i += 8) _mm256_storeu_ps(yj + i, load8(xj + i));
+      for (; i < dim; ++i) yj[i] = to_f32(xj[i]);
+    }
   }
 
   static void scale(float* y, float alpha, int64_t n) {
@@ -75,11 +102,22 @@ struct Avx2Ops {
     return sum;
   }
 
-  // The accumulator stays in a register across all n value rows.
+  // Up to 8 accumulators (64 values of y) stay in registers across all n value rows: 8
+  // independent FMA chains rather than one (whose latency bounded decode).
   template <typename T>
   static void axpy_rows(float* y, const float* p, const T* x, int64_t x_stride, int64_t n,
                         int64_t dim) {
     int64_t i = 0;
+    for (; i + 64 <= dim; i += 64) {
+      __m256 acc[8];
+      for (int e = 0; e < 8; ++e) acc[e] = _mm256_loadu_ps(y + i + 8 * e);
+      for (int64_t j = 0; j < n; ++j) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const T* xj = x + j * x_stride + i;
+        for (int e = 0; e < 8; ++e) acc[e] = _mm256_fmadd_ps(pj, load8(xj + 8 * e), acc[e]);
+      }
+      for (int e = 0; e < 8; ++e) _mm256_storeu_ps(y + i + 8 * e, acc[e]);
+    }
     for (; i + 8 <= dim; i += 8) {
       __m256 acc = _mm256_loadu_ps(y + i);
       for (int64_t j = 0; j < n; ++j)

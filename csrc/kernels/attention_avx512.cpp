@@ -31,6 +31,7 @@ inline __m512 load16(__mmask16 k, const T* p) {
 }
 
 struct Avx512Ops {
+  static constexpr bool kSoftwareWiden = false;
   template <typename T>
   static float dot(const float* a, const T* b, int64_t n) {
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
@@ -97,11 +98,33 @@ struct Avx512Ops {
     return _mm512_reduce_add_ps(sum);
   }
 
+  template <typename T>
+  static void widen(const T* x, int64_t x_stride, int64_t n, int64_t dim, float* y) {
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t i = 0; i < dim; i += 16) {
+        const __mmask16 k = dim - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(dim - i);
+        _mm512_mask_storeu_ps(y + j * dim + i, k, load16(k, x + j * x_stride + i));
+      }
+  }
+
   // head_dim 64 and 128 take attend_item_fast below; any other size: one vector at a time.
+  // Four accumulators (64 values of y) stay in registers across all n value rows: four
+  // independent FMA chains rather than one.
   template <typename T>
   static void axpy_rows(float* y, const float* p, const T* x, int64_t x_stride, int64_t n,
                         int64_t dim) {
-    for (int64_t i = 0; i < dim; i += 16) {
+    int64_t i0 = 0;
+    for (; i0 + 64 <= dim; i0 += 64) {
+      __m512 acc[4];
+      for (int e = 0; e < 4; ++e) acc[e] = _mm512_loadu_ps(y + i0 + 16 * e);
+      for (int64_t j = 0; j < n; ++j) {
+        const __m512 pj = _mm512_set1_ps(p[j]);
+        const T* xj = x + j * x_stride + i0;
+        for (int e = 0; e < 4; ++e) acc[e] = _mm512_fmadd_ps(pj, load16(xj + 16 * e), acc[e]);
+      }
+      for (int e = 0; e < 4; ++e) _mm512_storeu_ps(y + i0 + 16 * e, acc[e]);
+    }
+    for (int64_t i = i0; i < dim; i += 16) {
       const __mmask16 k = dim - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(dim - i);
       __m512 acc = _mm512_maskz_loadu_ps(k, y + i);
       for (int64_t j = 0; j < n; ++j)

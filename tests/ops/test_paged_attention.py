@@ -78,7 +78,7 @@ sequence = st.one_of(
 
 @given(seqs=st.lists(sequence, min_size=1, max_size=4),
        num_kv_heads=st.sampled_from([1, 2, 3]), group=st.sampled_from([1, 2, 3, 4, 8]),
-       head_dim=st.sampled_from([1, 3, 17, 64, 128]), block_size=st.sampled_from([1, 2, 16, 32]),
+       head_dim=st.sampled_from([1, 3, 17, 64, 96, 128]), block_size=st.sampled_from([1, 2, 16, 32]),
        q_strided=st.booleans(), qk_scale=st.sampled_from([0.1, 1.0, 4.0]),
        cache_dtype=st.sampled_from(CACHE_DTYPES), seed=st.integers(0, 2**32 - 1))
 def test_matches_reference(isa, seqs, num_kv_heads, group, head_dim, block_size, q_strided,
@@ -100,6 +100,7 @@ def test_matches_reference(isa, seqs, num_kv_heads, group, head_dim, block_size,
     ([(1000, 1), (300, 1)], 8, 4, 128, 16),      # decodes over 32 query heads (Llama-3.2-1B)
     ([(700, 1)], 8, 8, 64, 16),                  # 64 query heads: a decode item per KV head
     ([(900, 33)], 2, 4, 128, 16),                # a prefill chunk, head_dim 128
+    ([(800, 24), (600, 1)], 2, 4, 96, 16),       # head_dim 96: the generic kernels, widened chunks
     # Decode pieces chained on a thread, whose next piece starts over blocks under 16
     # positions: more chunks than a span holds (a span overran once, writing past its end).
     ([(5, 1), (50, 1), (300, 1)], 2, 4, 64, 1),
