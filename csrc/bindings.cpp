@@ -199,6 +199,24 @@ PYBIND11_MODULE(_C, m) {
       py::arg("v_cache").noconvert(), py::arg("slot_mapping").noconvert());
 
   m.def(
+      "rope_kv_cache_write",
+      [](py::array positions, py::array q, py::array k, py::array v, py::array cos_sin_cache,
+         int64_t head_dim, py::array k_cache, py::array v_cache, py::array slot_mapping) {
+        const char* op = "rope_kv_cache_write";
+        auto pv = view_of(positions, op, "positions");
+        auto qv = view_of(q, op, "q", true), kv = view_of(k, op, "k", true);
+        auto vv = view_of(v, op, "v"), cv = view_of(cos_sin_cache, op, "cos_sin_cache");
+        auto kc = view_of(k_cache, op, "k_cache", true), vc = view_of(v_cache, op, "v_cache", true);
+        auto sm = view_of(slot_mapping, op, "slot_mapping");
+        py::gil_scoped_release nogil;
+        engine::rope_kv_cache_write(pv, qv, kv, vv, cv, head_dim, kc, vc, sm);
+      },
+      py::arg("positions").noconvert(), py::arg("q").noconvert(), py::arg("k").noconvert(),
+      py::arg("v").noconvert(), py::arg("cos_sin_cache").noconvert(), py::arg("head_dim"),
+      py::arg("k_cache").noconvert(), py::arg("v_cache").noconvert(),
+      py::arg("slot_mapping").noconvert());
+
+  m.def(
       "kv_cache_copy",
       [](py::array k_cache, py::array v_cache, py::array src_blocks, py::array dst_blocks) {
         const char* op = "kv_cache_copy";

@@ -1,4 +1,5 @@
-// kv_cache_write: scatter the new tokens' K and V rows into the paged cache.
+// kv_cache_write: scatter the new tokens' K and V rows into the paged cache; and
+// rope_kv_cache_write: rope on q and k, then that write, in one pass over the tokens.
 //
 // The cache is [num_blocks, block_size, num_kv_heads, head_dim], float32, bfloat16 or
 // float16 (rounded to nearest even, as numpy's cast and the CUDA op round); a slot is
@@ -13,6 +14,7 @@
 #include "engine/convert.h"
 #include "engine/isa.h"
 #include "engine/ops.h"
+#include "rope_kernels.h"
 
 namespace engine {
 namespace kv_cache_detail {
@@ -27,23 +29,23 @@ constexpr const char* kOp = "kv_cache_write";
 
 // ---- validation -------------------------------------------------------------------
 
-void check_kv(const TensorView& t, const char* arg) {
+void check_kv(const TensorView& t, const char* arg, const char* kOp) {
   check_dtype(t, kOp, arg, {DType::f32});
   check_ndim(t, kOp, arg, 3);
 }
 
-void check_cache(const TensorView& t, const char* arg) {
+void check_cache(const TensorView& t, const char* arg, const char* kOp) {
   check_dtype(t, kOp, arg, {DType::f32, DType::bf16, DType::f16});
   check_ndim(t, kOp, arg, 4);
   if (t.numel() > 0) check_contiguous(t, kOp, arg);  // numpy gives empty arrays 0 strides
 }
 
 void validate(const TensorView& k, const TensorView& v, const TensorView& k_cache,
-              const TensorView& v_cache, const TensorView& slot_mapping) {
-  check_kv(k, "k");
-  check_kv(v, "v");
-  check_cache(k_cache, "k_cache");
-  check_cache(v_cache, "v_cache");
+              const TensorView& v_cache, const TensorView& slot_mapping, const char* kOp = kOp) {
+  check_kv(k, "k", kOp);
+  check_kv(v, "v", kOp);
+  check_cache(k_cache, "k_cache", kOp);
+  check_cache(v_cache, "v_cache", kOp);
   check_dtype(slot_mapping, kOp, "slot_mapping", {DType::i32});
   check_ndim(slot_mapping, kOp, "slot_mapping", 1);
   const int64_t num_tokens = k.size(0), num_kv_heads = k.size(1), head_dim = k.size(2);
@@ -57,7 +59,7 @@ void validate(const TensorView& k, const TensorView& v, const TensorView& k_cach
 }
 
 // Every slot in [-1, num_slots); the first bad one is reported.
-void check_slots(const TensorView& slot_mapping, int64_t num_slots) {
+void check_slots(const TensorView& slot_mapping, int64_t num_slots, const char* kOp = kOp) {
   const int32_t* slots = slot_mapping.ptr<int32_t>();
   const int64_t stride = slot_mapping.stride(0);
   for (int64_t i = 0; i < slot_mapping.size(0); ++i) {
@@ -107,24 +109,46 @@ void copy_row(T* dst, const float* src, int64_t num_heads, int64_t head_dim, int
   }
 }
 
+// Token i's K and V rows into its slot (none for slot -1).
 template <typename T>
-void write_rows(const TensorView& k, const TensorView& v, T* k_dst, T* v_dst,
-                const TensorView& slot_mapping) {
-  const int64_t num_tokens = k.size(0), num_heads = k.size(1), head_dim = k.size(2);
+inline void write_token(const TensorView& k, const TensorView& v, T* k_dst, T* v_dst,
+                        const TensorView& slot_mapping, int64_t i) {
+  const int64_t num_heads = k.size(1), head_dim = k.size(2);
   const int64_t row_size = num_heads * head_dim;  // values per slot
-  const int32_t* slots = slot_mapping.ptr<int32_t>();
-  const float* k_data = k.ptr<float>();
-  const float* v_data = v.ptr<float>();
-  // A few KiB per token: threads would cost more than the copy for decode batches.
-#pragma omp parallel for schedule(static) if (num_tokens * row_size >= (1 << 16))
-  for (int64_t i = 0; i < num_tokens; ++i) {
-    const int64_t slot = slots[i * slot_mapping.stride(0)];
-    if (slot < 0) continue;
-    copy_row(k_dst + slot * row_size, k_data + i * k.stride(0), num_heads, head_dim, k.stride(1),
-             k.stride(2));
-    copy_row(v_dst + slot * row_size, v_data + i * v.stride(0), num_heads, head_dim, v.stride(1),
-             v.stride(2));
+  const int64_t slot = slot_mapping.ptr<int32_t>()[i * slot_mapping.stride(0)];
+  if (slot < 0) return;
+  copy_row(k_dst + slot * row_size, k.ptr<float>() + i * k.stride(0), num_heads, head_dim,
+           k.stride(1), k.stride(2));
+  copy_row(v_dst + slot * row_size, v.ptr<float>() + i * v.stride(0), num_heads, head_dim,
+           v.stride(1), v.stride(2));
+}
+
+// Calls f(T*{}) with the cache's element type.
+template <typename F>
+void with_cache_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::bf16: return f(static_cast<bf16_t*>(nullptr));
+    case DType::f16: return f(static_cast<f16_t*>(nullptr));
+    default: return f(static_cast<float*>(nullptr));
   }
+}
+
+// Every token's K and V rows into their slots, each after before(i) (rope's rotation, or
+// nothing). A few KiB per token: threads would cost more than the copy for decode batches.
+template <typename F>
+void write_tokens(const TensorView& k, const TensorView& v, const TensorView& k_cache,
+                  const TensorView& v_cache, const TensorView& slot_mapping, F&& before) {
+  const int64_t num_tokens = k.size(0), row_size = k.size(1) * k.size(2);
+  with_cache_type(k_cache.dtype, [&](auto* type) {
+    using T = std::remove_pointer_t<decltype(type)>;
+    T* k_dst = k_cache.ptr<T>();
+    T* v_dst = v_cache.ptr<T>();
+#pragma omp parallel for schedule(static) if (num_tokens * row_size >= (1 << 16))
+    for (int64_t i = 0; i < num_tokens; ++i) {
+      before(i);
+      write_token(k, v, k_dst, v_dst, slot_mapping, i);
+    }
+  });
 }
 
 }  // namespace
@@ -132,17 +156,23 @@ void write_rows(const TensorView& k, const TensorView& v, T* k_dst, T* v_dst,
 void kv_cache_write(const TensorView& k, const TensorView& v, const TensorView& k_cache,
                     const TensorView& v_cache, const TensorView& slot_mapping) {
   validate(k, v, k_cache, v_cache, slot_mapping);
-  const int64_t num_slots = k_cache.size(0) * k_cache.size(1);
-  check_slots(slot_mapping, num_slots);
+  check_slots(slot_mapping, k_cache.size(0) * k_cache.size(1));
+  write_tokens(k, v, k_cache, v_cache, slot_mapping, [](int64_t) {});
+}
 
-  switch (k_cache.dtype) {
-    case DType::bf16:
-      return write_rows(k, v, k_cache.ptr<bf16_t>(), v_cache.ptr<bf16_t>(), slot_mapping);
-    case DType::f16:
-      return write_rows(k, v, k_cache.ptr<f16_t>(), v_cache.ptr<f16_t>(), slot_mapping);
-    default:
-      return write_rows(k, v, k_cache.ptr<float>(), v_cache.ptr<float>(), slot_mapping);
-  }
+void rope_kv_cache_write(const TensorView& positions, const TensorView& q, const TensorView& k,
+                         const TensorView& v, const TensorView& cos_sin_cache, int64_t head_dim,
+                         const TensorView& k_cache, const TensorView& v_cache,
+                         const TensorView& slot_mapping) {
+  const char* op = "rope_kv_cache_write";
+  // Everything (every position and slot) is checked before anything is rotated or written.
+  validate(k, v, k_cache, v_cache, slot_mapping, op);
+  ENGINE_CHECK(k.size(2) == head_dim, op,
+               "k must have shape [*, *, head_dim " + std::to_string(head_dim) + "], got " +
+                   k.describe());
+  const RopeCall r = prepare_rope(positions, q, k, cos_sin_cache, head_dim, op);
+  check_slots(slot_mapping, k_cache.size(0) * k_cache.size(1), op);
+  write_tokens(k, v, k_cache, v_cache, slot_mapping, [&](int64_t i) { r.token(i); });
 }
 
 }  // namespace engine

@@ -6,6 +6,7 @@
 #include "engine/check.h"
 #include "engine/isa.h"
 #include "engine/ops.h"
+#include "rope_kernels.h"
 
 namespace engine {
 namespace {
@@ -32,8 +33,6 @@ static inline __attribute__((always_inline)) void rope_heads_body(
     }
   }
 }
-
-using RopeHeadsFn = void (*)(float*, int64_t, int64_t, const float*, int64_t);
 
 void rope_heads_portable(float* x, int64_t n, int64_t hs, const float* cs, int64_t half) {
   rope_heads_body(x, n, hs, cs, half);
@@ -71,9 +70,8 @@ RopeHeadsFn pick_rope_heads() {
 // Launcher
 // ============================================================================
 
-void rope(const TensorView& positions, const TensorView& q, const TensorView& k,
-          const TensorView& cos_sin_cache, int64_t head_dim) {
-  const char* op = "rope";
+RopeCall prepare_rope(const TensorView& positions, const TensorView& q, const TensorView& k,
+                      const TensorView& cos_sin_cache, int64_t head_dim, const char* op) {
   check_dtype(positions, op, "positions", {DType::i32});
   check_ndim(positions, op, "positions", 1);
   ENGINE_CHECK(head_dim > 0, op, "head_dim must be > 0, got " + std::to_string(head_dim));
@@ -84,33 +82,36 @@ void rope(const TensorView& positions, const TensorView& q, const TensorView& k,
   ENGINE_CHECK(rotary_dim > 0 && rotary_dim % 2 == 0 && rotary_dim <= head_dim, op,
                "cos_sin_cache must have an even number of columns (rotary_dim) in [2, head_dim " +
                    std::to_string(head_dim) + "], got " + cos_sin_cache.describe());
-  const int64_t num_tokens = positions.size(0);
-  const RopeHeads ql = check_rope_heads(q, "q", num_tokens, head_dim);
-  const RopeHeads kl = check_rope_heads(k, "k", num_tokens, head_dim);
+  RopeCall r;
+  r.num_tokens = positions.size(0);
+  r.q = check_rope_heads(q, "q", r.num_tokens, head_dim, op);
+  r.k = check_rope_heads(k, "k", r.num_tokens, head_dim, op);
 
   // Every position is checked before anything is written.
-  const int32_t* pos = positions.ptr<int32_t>();
-  const int64_t pos_stride = positions.stride(0);
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    const int64_t p = pos[t * pos_stride];
+  r.pos = positions.ptr<int32_t>();
+  r.pos_stride = positions.stride(0);
+  for (int64_t t = 0; t < r.num_tokens; ++t) {
+    const int64_t p = r.pos[t * r.pos_stride];
     ENGINE_CHECK(p >= 0 && p < max_position, op,
                  "positions[" + std::to_string(t) + "] = " + std::to_string(p) +
                      " is outside [0, " + std::to_string(max_position) +
                      ") (the cos_sin_cache rows)");
   }
+  r.heads_fn = pick_rope_heads();
+  r.cache = cos_sin_cache.ptr<float>();
+  r.cache_stride = cos_sin_cache.stride(0);
+  r.half = rotary_dim / 2;
+  r.q_data = q.ptr<float>();
+  r.k_data = k.ptr<float>();
+  return r;
+}
 
-  const RopeHeadsFn heads_fn = pick_rope_heads();
-  const float* cache = cos_sin_cache.ptr<float>();
-  const int64_t cache_stride = cos_sin_cache.stride(0), half = rotary_dim / 2;
-  float* qp = q.ptr<float>();
-  float* kp = k.ptr<float>();
-  const int64_t work = num_tokens * (ql.num_heads + kl.num_heads) * rotary_dim;
+void rope(const TensorView& positions, const TensorView& q, const TensorView& k,
+          const TensorView& cos_sin_cache, int64_t head_dim) {
+  const RopeCall r = prepare_rope(positions, q, k, cos_sin_cache, head_dim, "rope");
+  const int64_t work = r.num_tokens * (r.q.num_heads + r.k.num_heads) * 2 * r.half;
 #pragma omp parallel for schedule(static) if (work >= (1 << 15))
-  for (int64_t t = 0; t < num_tokens; ++t) {
-    const float* cs = cache + pos[t * pos_stride] * cache_stride;
-    heads_fn(qp + t * ql.token_stride, ql.num_heads, ql.head_stride, cs, half);
-    heads_fn(kp + t * kl.token_stride, kl.num_heads, kl.head_stride, cs, half);
-  }
+  for (int64_t t = 0; t < r.num_tokens; ++t) r.token(t);
 }
 
 }  // namespace engine

@@ -153,8 +153,7 @@ struct RopeHeads {
 };
 
 inline RopeHeads check_rope_heads(const TensorView& t, const char* arg, int64_t num_tokens,
-                                  int64_t head_dim) {
-  const char* op = "rope";
+                                  int64_t head_dim, const char* op = "rope") {
   check_dtype(t, op, arg, {DType::f32});
   ENGINE_CHECK(t.ndim == 2 || t.ndim == 3, op,
                std::string(arg) + " must have 2 dims [num_tokens, num_heads * head_dim], got " +

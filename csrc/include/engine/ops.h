@@ -131,6 +131,15 @@ void embedding(const TensorView& ids, const TensorView& table, const TensorView&
 //   slot_mapping  [num_tokens] i32
 void kv_cache_write(const TensorView& k, const TensorView& v, const TensorView& k_cache,
                     const TensorView& v_cache, const TensorView& slot_mapping);
+
+// rope(positions, q, k, ...) then kv_cache_write(k, v, ...) in one pass over the tokens (the
+// same bits as the two calls): k is [num_tokens, num_kv_heads, head_dim]. Every position
+// and slot is checked before anything is rotated or written.
+void rope_kv_cache_write(const TensorView& positions, const TensorView& q, const TensorView& k,
+                         const TensorView& v, const TensorView& cos_sin_cache, int64_t head_dim,
+                         const TensorView& k_cache, const TensorView& v_cache,
+                         const TensorView& slot_mapping);
+
 // k_cache[dst_blocks[i]] = k_cache[src_blocks[i]] (and v), whole blocks: the K/V copy
 // of copy-on-write. Ids in [0, num_blocks); no dst repeats or is also a src, so the
 // pairs are independent.

@@ -253,17 +253,16 @@ class LlamaForCausalLM:
 
     def _attention(self, layer: LlamaLayer, cache: KVCache, batch: ForwardBatch,
                    hidden, qkv, attn):
-        """hidden -> qkv -> rope -> cache write -> paged attention -> o_proj -> hidden."""
+        """hidden -> qkv -> rope and cache write -> paged attention -> o_proj -> hidden."""
         c = self.config
         n = batch.num_tokens
         ops.matmul(hidden, layer.qkv, layer.qkv_bias, out=qkv)
         q = qkv[:, :c.q_size]
         k = qkv[:, c.q_size:c.q_size + c.kv_size]
         v = qkv[:, c.q_size + c.kv_size:]
-        ops.rope(batch.positions, q, k, self.cos_sin, c.head_dim)
-        ops.kv_cache_write(k.reshape(n, c.num_kv_heads, c.head_dim),
-                           v.reshape(n, c.num_kv_heads, c.head_dim),
-                           cache.k, cache.v, batch.slot_mapping)
+        ops.rope_kv_cache_write(batch.positions, q, k.reshape(n, c.num_kv_heads, c.head_dim),
+                                v.reshape(n, c.num_kv_heads, c.head_dim), self.cos_sin,
+                                c.head_dim, cache.k, cache.v, batch.slot_mapping)
         ops.paged_attention(q.reshape(n, c.num_heads, c.head_dim), cache.k, cache.v,
                             batch.block_tables, batch.seq_lens, batch.query_start_loc,
                             self.scale, out=attn.reshape(n, c.num_heads, c.head_dim))

@@ -27,7 +27,7 @@ _DeviceArray = getattr(_C_cuda, "DeviceArray", None)
 __all__ = [
     "gpu_available", "is_device_array", "to_device", "from_dlpack", "to_host", "empty", "zeros", "synchronize",
     "copy", "matmul", "rms_norm", "fused_add_rms_norm", "rope", "silu_and_mul", "embedding",
-    "kv_cache_write", "kv_cache_copy", "paged_attention", "sample", "apply_penalties", "log_softmax_topk",
+    "kv_cache_write", "rope_kv_cache_write", "kv_cache_copy", "paged_attention", "sample", "apply_penalties", "log_softmax_topk",
     "isa", "best_isa", "set_isa", "available_isas",
     "layer_norm", "gelu", "varlen_attention",
     "QuantizedWeight", "PackedWeight", "quant_kernel",
@@ -226,6 +226,22 @@ def kv_cache_write(k, v, k_cache, v_cache, slot_mapping):
     """Write new K/V rows into the paged cache at the given slots (-1 skips)."""
     _backend(k, v, k_cache, v_cache, slot_mapping).kv_cache_write(
         k, v, k_cache, v_cache, slot_mapping)
+
+
+def rope_kv_cache_write(positions, q, k, v, cos_sin_cache, head_dim: int, k_cache, v_cache,
+                        slot_mapping):
+    """rope(positions, q, k, ...) then kv_cache_write(k, v, ...): one pass over the tokens on
+    the CPU (the same bits as the two ops), the two kernels on the GPU. k and v are
+    [num_tokens, num_kv_heads, head_dim]; every position and slot is checked before anything
+    is rotated or written."""
+    backend = _backend(positions, q, k, v, cos_sin_cache, k_cache, v_cache, slot_mapping)
+    if backend is _C:
+        _C.rope_kv_cache_write(positions, q, k, v, cos_sin_cache, head_dim, k_cache, v_cache,
+                               slot_mapping)
+    else:
+        backend.rope(positions, q, k, cos_sin_cache, head_dim)
+        backend.kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
 
 
 def kv_cache_copy(k_cache, v_cache, src_blocks, dst_blocks):

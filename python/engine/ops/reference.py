@@ -47,6 +47,8 @@ def layer_norm(x, weight, bias, eps, *, out, residual=None):
 
 
 def rope(positions, q, k, cos_sin_cache, head_dim):
+    if len(positions) == 0:
+        return q, k
     rotary_dim = cos_sin_cache.shape[1]
     half = rotary_dim // 2
     cos = cos_sin_cache[positions, :half].astype(np.float64)[:, None, :]
@@ -93,6 +95,18 @@ def kv_cache_write(k, v, k_cache, v_cache, slot_mapping):
             continue
         k_cache[slot // block_size, slot % block_size] = k[i]
         v_cache[slot // block_size, slot % block_size] = v[i]
+
+
+def rope_kv_cache_write(positions, q, k, v, cos_sin_cache, head_dim, k_cache, v_cache,
+                        slot_mapping):
+    if positions.size and (positions.min() < 0 or positions.max() >= cos_sin_cache.shape[0]):
+        raise ValueError(f"rope_kv_cache_write: positions must be in [0, {cos_sin_cache.shape[0]})")
+    num_slots = k_cache.shape[0] * k_cache.shape[1]
+    if slot_mapping.size and (slot_mapping.min() < -1 or slot_mapping.max() >= num_slots):
+        raise ValueError(f"rope_kv_cache_write: slots must be -1 or in [0, {num_slots})")
+    rope(positions, q, k, cos_sin_cache, head_dim)
+    kv_cache_write(k, v, k_cache, v_cache, slot_mapping)
+    return q, k
 
 
 def kv_cache_copy(k_cache, v_cache, src_blocks, dst_blocks):
