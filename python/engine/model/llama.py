@@ -216,22 +216,23 @@ class LlamaForCausalLM:
     def forward(self, batch: ForwardBatch, kv_caches: list[KVCache], ws: Workspace) -> np.ndarray:
         """Run one step; returns logits [num_seqs, vocab] (a view into the workspace)."""
         c = self.config
-        n, s = batch.num_tokens, batch.num_seqs
+        n, s, eps = batch.num_tokens, batch.num_seqs, c.rms_norm_eps
         hidden, residual = ws.hidden[:n], ws.residual[:n]
-        qkv, attn = ws.qkv[:n], ws.attn[:n]
+        gate_up, act = ws.gate_up[:n], ws.act[:n]
+        views = _AttentionViews(c, ws, n)  # one set for every layer
         ops.embedding(batch.token_ids, self.embed, out=hidden)
         for i, layer in enumerate(self.layers):
             if i == 0:
                 ops.copy(hidden, out=residual)
-                ops.rms_norm(residual, layer.input_norm, c.rms_norm_eps, out=hidden)
+                ops.rms_norm(residual, layer.input_norm, eps, out=hidden)
             else:
-                ops.fused_add_rms_norm(hidden, residual, layer.input_norm, c.rms_norm_eps)
-            self._attention(layer, kv_caches[i], batch, hidden, qkv, attn)
-            ops.fused_add_rms_norm(hidden, residual, layer.post_norm, c.rms_norm_eps)
-            ops.matmul(hidden, layer.gate_up, out=ws.gate_up[:n])
-            ops.silu_and_mul(ws.gate_up[:n], out=ws.act[:n])
-            ops.matmul(ws.act[:n], layer.down, out=hidden)
-        ops.fused_add_rms_norm(hidden, residual, self.norm, c.rms_norm_eps)
+                ops.fused_add_rms_norm(hidden, residual, layer.input_norm, eps)
+            self._attention(layer, kv_caches[i], batch, hidden, views)
+            ops.fused_add_rms_norm(hidden, residual, layer.post_norm, eps)
+            ops.matmul(hidden, layer.gate_up, out=gate_up)
+            ops.silu_and_mul(gate_up, out=act)
+            ops.matmul(act, layer.down, out=hidden)
+        ops.fused_add_rms_norm(hidden, residual, self.norm, eps)
         last = ws.last_hidden[:s]
         ops.embedding(batch.logits_indices, hidden, out=last)  # gathers the rows
         return ops.matmul(last, self.lm_head, out=ws.logits[:s])
@@ -251,19 +252,27 @@ class LlamaForCausalLM:
         ops.embedding(rows, ws.hidden, out=hidden)
         return ops.matmul(hidden, self.lm_head, out=out)
 
-    def _attention(self, layer: LlamaLayer, cache: KVCache, batch: ForwardBatch,
-                   hidden, qkv, attn):
+    def _attention(self, layer: LlamaLayer, cache: KVCache, batch: ForwardBatch, hidden,
+                   views: "_AttentionViews"):
         """hidden -> qkv -> rope and cache write -> paged attention -> o_proj -> hidden."""
-        c = self.config
-        n = batch.num_tokens
-        ops.matmul(hidden, layer.qkv, layer.qkv_bias, out=qkv)
-        q = qkv[:, :c.q_size]
-        k = qkv[:, c.q_size:c.q_size + c.kv_size]
-        v = qkv[:, c.q_size + c.kv_size:]
-        ops.rope_kv_cache_write(batch.positions, q, k.reshape(n, c.num_kv_heads, c.head_dim),
-                                v.reshape(n, c.num_kv_heads, c.head_dim), self.cos_sin,
-                                c.head_dim, cache.k, cache.v, batch.slot_mapping)
-        ops.paged_attention(q.reshape(n, c.num_heads, c.head_dim), cache.k, cache.v,
-                            batch.block_tables, batch.seq_lens, batch.query_start_loc,
-                            self.scale, out=attn.reshape(n, c.num_heads, c.head_dim))
-        ops.matmul(attn, layer.o_proj, out=hidden)
+        ops.matmul(hidden, layer.qkv, layer.qkv_bias, out=views.qkv)
+        ops.rope_kv_cache_write(batch.positions, views.q, views.k, views.v, self.cos_sin,
+                                self.config.head_dim, cache.k, cache.v, batch.slot_mapping)
+        ops.paged_attention(views.q, cache.k, cache.v, batch.block_tables, batch.seq_lens,
+                            batch.query_start_loc, self.scale, out=views.out)
+        ops.matmul(views.attn, layer.o_proj, out=hidden)
+
+
+class _AttentionViews:
+    """A step's views of the workspace that attention reads and writes, made once for all
+    layers: qkv [n, q_size + 2 * kv_size]; q, k, v as [n, heads, head_dim] views of its
+    columns; attn [n, q_size] and out, the same memory as [n, heads, head_dim]."""
+
+    def __init__(self, c: ModelConfig, ws: Workspace, n: int):
+        q_size, kv_size = c.q_size, c.kv_size
+        self.qkv = ws.qkv[:n]
+        self.q = self.qkv[:, :q_size].reshape(n, c.num_heads, c.head_dim)
+        self.k = self.qkv[:, q_size:q_size + kv_size].reshape(n, c.num_kv_heads, c.head_dim)
+        self.v = self.qkv[:, q_size + kv_size:].reshape(n, c.num_kv_heads, c.head_dim)
+        self.attn = ws.attn[:n]
+        self.out = self.attn.reshape(n, c.num_heads, c.head_dim)
