@@ -11,6 +11,7 @@ namespace engine {
 namespace activation_detail {
 #if defined(ENGINE_X86)
 void silu_and_mul_row_avx512(const float* gate, const float* up, float* out, int64_t d);
+void silu_and_mul_row_avx2(const float* gate, const float* up, float* out, int64_t d);
 #endif
 }  // namespace activation_detail
 
@@ -32,18 +33,11 @@ void row_portable(const float* g, const float* u, float* o, int64_t d) {
   silu_and_mul_row_body(g, u, o, d);
 }
 
-#if defined(ENGINE_X86) && defined(__GNUC__)
-__attribute__((target("avx2,fma,f16c"))) void row_avx2(const float* g, const float* u, float* o,
-                                                        int64_t d) {
-  silu_and_mul_row_body(g, u, o, d);
-}
-#endif
-
 RowFn pick_row() {
 #if defined(ENGINE_X86) && defined(__GNUC__)
   switch (current_isa()) {
     case Isa::avx512: return activation_detail::silu_and_mul_row_avx512;
-    case Isa::avx2: return row_avx2;
+    case Isa::avx2: return activation_detail::silu_and_mul_row_avx2;
     default: break;
   }
 #endif
