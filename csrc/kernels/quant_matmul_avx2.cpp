@@ -168,7 +168,7 @@ inline float hsum(__m256 v) {
 
 struct Avx2Kernel {
   template <QuantFormat F> static constexpr int rows() { return 2; }
-  template <QuantFormat F> static constexpr int tokens() { return 2; }
+  template <QuantFormat F> static constexpr int tokens() { return 4; }
   static constexpr int kGemvRows = 4;
 
   template <QuantFormat F, int R, int C>
