@@ -3,6 +3,8 @@
     python benchmarks/bench_cpu.py --setup     # once: build llama-cpp-python 0.3.36 (5-6 min),
                                                # install matplotlib, make the models
     python benchmarks/bench_cpu.py [--repeats 5] [--models smollm2,llama1b] [--threads 2]
+    ENGINE_ISA=avx2 ENGINE_BENCH_LLAMA_SITE=DIR python benchmarks/bench_cpu.py --cases ...
+                                               # a CPU without AVX-512: see the README
 
 Models: SmolLM2-135M-Instruct from its GGUF (Q4_1 layers, Q8_0 embedding: the bytes llama.cpp
 reads), plus f16 and Q8_0 GGUFs that llama.cpp's converter writes from the same weights
@@ -146,6 +148,12 @@ def median(results: list[dict], key: str) -> float:
 
 def measure(args) -> dict:
     cases = setup.cases(args.models.split(","))
+    if args.cases:
+        wanted = [c.strip() for c in args.cases.split(",")]
+        unknown = [c for c in wanted if c not in cases]
+        if unknown:
+            raise SystemExit(f"--cases: unknown {unknown}; the cases are {list(cases)}")
+        cases = {name: cases[name] for name in wanted}
     results: dict = {"cases": {}, "lockstep": {}, "batched": {}, "bandwidth": []}
     results["bandwidth"].append(setup.copy_bandwidth(args.threads))
     for repeat in range(args.repeats):
@@ -190,7 +198,8 @@ def report(results: dict, args) -> None:
     print(f"versions: {first['versions']}, llama-cpp-python {setup.llama_cpp_version()}")
     print(f"{args.threads} threads; prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, "
           f"greedy, batch 1, median of {args.repeats} runs (fresh processes each); engine and "
-          f"llama.cpp prefill ({args.prefills} each) and decode (~0.1 s each) in turns, ABBA, "
+          f"llama.cpp prefill ({args.prefills} each) and decode (~{args.turn_seconds} s each) "
+          f"in turns, ABBA, "
           f"a 1 GiB copy timed between two decode turns; "
           f"KV cache: engine {args.kv_cache_dtype}, llama.cpp f16 (its default)")
     print(f"copy bandwidth (read + write), {args.threads} threads, best of 3 at the start and "
@@ -277,6 +286,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setup", action="store_true", help="build llama-cpp-python, make models")
     parser.add_argument("--models", default="smollm2,llama1b")
+    parser.add_argument("--cases", help='only these of the models\' cases, e.g. '
+                        '"smollm2 q4_1,llama1b q4_0"')
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=128)

@@ -22,7 +22,9 @@ import numpy as np
 LLAMA_CPP_PYTHON = "0.3.36"
 NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # GCC 12 miscompiles _tile_loadconfig
 BENCH_DIR = Path(os.environ.get("ENGINE_BENCH_DIR") or Path.home() / ".cache" / "engine-bench")
-SITE, CONVERTER, MODELS = BENCH_DIR / "site", BENCH_DIR / "llama.cpp", BENCH_DIR / "models"
+# ENGINE_BENCH_LLAMA_SITE: another llama-cpp-python build to run (the README's AVX2 one)
+SITE = Path(os.environ.get("ENGINE_BENCH_LLAMA_SITE") or BENCH_DIR / "site")
+CONVERTER, MODELS = BENCH_DIR / "llama.cpp", BENCH_DIR / "models"
 REPO = Path(__file__).resolve().parent.parent
 # Llama-3.2-1B's shape with SmolLM2's vocabulary: 1.07B parameters, 2.1 GB in bf16.
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
