@@ -160,7 +160,7 @@ struct PortableOps {
 };
 
 void attend_item_portable(const Args& a, const Item& it, const Dest& d) {
-  with_cache_type(a, [&](auto t) { attend_item<PortableOps, decltype(t)>(a, it, d); });
+  with_float_type(a.cache_dtype, [&](auto t) { attend_item<PortableOps, decltype(t)>(a, it, d); });
 }
 
 using AttendFn = void (*)(const Args&, const Item&, const Dest&);

@@ -135,7 +135,7 @@ struct Avx2Ops {
 }  // namespace
 
 void attend_item_avx2(const Args& a, const Item& it, const Dest& d) {
-  with_cache_type(a, [&](auto t) { attend_item<Avx2Ops, decltype(t)>(a, it, d); });
+  with_float_type(a.cache_dtype, [&](auto t) { attend_item<Avx2Ops, decltype(t)>(a, it, d); });
 }
 
 }  // namespace attention

@@ -367,7 +367,7 @@ void attend_typed(const Args& a, const Item& it, const Dest& d) {
 }  // namespace
 
 void attend_item_avx512(const Args& a, const Item& it, const Dest& d) {
-  with_cache_type(a, [&](auto t) { attend_typed<decltype(t)>(a, it, d); });
+  with_float_type(a.cache_dtype, [&](auto t) { attend_typed<decltype(t)>(a, it, d); });
 }
 
 }  // namespace attention

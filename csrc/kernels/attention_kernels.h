@@ -246,7 +246,7 @@ void attend_item(const Args& a, const Item& it, const Dest& d) {
             Ops::widen(v + off, token_stride, n, D, vw);
             widened = off;
           }
-          row_chunk<Ops>(a, rw, i, valid, kw + 0, vw + 0, D, s);
+          row_chunk<Ops>(a, rw, i, valid, kw, vw, D, s);
           continue;
         }
       }
@@ -258,16 +258,6 @@ void attend_item(const Args& a, const Item& it, const Dest& d) {
 }
 
 }  // namespace
-
-// Calls f(T{}) with the cache's element type.
-template <typename F>
-inline void with_cache_type(const Args& a, F&& f) {
-  switch (a.cache_dtype) {
-    case DType::bf16: return f(bf16_t{});
-    case DType::f16: return f(f16_t{});
-    default: return f(0.0f);
-  }
-}
 
 // Per-ISA instantiations of attend_item (attention_avx2.cpp, attention_avx512.cpp).
 void attend_item_avx2(const Args& a, const Item& it, const Dest& d);

@@ -29,43 +29,43 @@ constexpr const char* kOp = "kv_cache_write";
 
 // ---- validation -------------------------------------------------------------------
 
-void check_kv(const TensorView& t, const char* arg, const char* kOp) {
-  check_dtype(t, kOp, arg, {DType::f32});
-  check_ndim(t, kOp, arg, 3);
+void check_kv(const TensorView& t, const char* arg, const char* op) {
+  check_dtype(t, op, arg, {DType::f32});
+  check_ndim(t, op, arg, 3);
 }
 
-void check_cache(const TensorView& t, const char* arg, const char* kOp) {
-  check_dtype(t, kOp, arg, {DType::f32, DType::bf16, DType::f16});
-  check_ndim(t, kOp, arg, 4);
-  if (t.numel() > 0) check_contiguous(t, kOp, arg);  // numpy gives empty arrays 0 strides
+void check_cache(const TensorView& t, const char* arg, const char* op) {
+  check_dtype(t, op, arg, {DType::f32, DType::bf16, DType::f16});
+  check_ndim(t, op, arg, 4);
+  if (t.numel() > 0) check_contiguous(t, op, arg);  // numpy gives empty arrays 0 strides
 }
 
 void validate(const TensorView& k, const TensorView& v, const TensorView& k_cache,
-              const TensorView& v_cache, const TensorView& slot_mapping, const char* kOp = kOp) {
-  check_kv(k, "k", kOp);
-  check_kv(v, "v", kOp);
-  check_cache(k_cache, "k_cache", kOp);
-  check_cache(v_cache, "v_cache", kOp);
-  check_dtype(slot_mapping, kOp, "slot_mapping", {DType::i32});
-  check_ndim(slot_mapping, kOp, "slot_mapping", 1);
+              const TensorView& v_cache, const TensorView& slot_mapping, const char* op = kOp) {
+  check_kv(k, "k", op);
+  check_kv(v, "v", op);
+  check_cache(k_cache, "k_cache", op);
+  check_cache(v_cache, "v_cache", op);
+  check_dtype(slot_mapping, op, "slot_mapping", {DType::i32});
+  check_ndim(slot_mapping, op, "slot_mapping", 1);
   const int64_t num_tokens = k.size(0), num_kv_heads = k.size(1), head_dim = k.size(2);
-  check_shape(v, kOp, "v", {num_tokens, num_kv_heads, head_dim});
-  check_shape(k_cache, kOp, "k_cache", {-1, -1, num_kv_heads, head_dim});
-  check_shape(v_cache, kOp, "v_cache", {k_cache.size(0), k_cache.size(1), num_kv_heads, head_dim});
-  check_shape(slot_mapping, kOp, "slot_mapping", {num_tokens});
-  check_same_dtype(v_cache, k_cache, kOp, "v_cache", "k_cache");
-  ENGINE_CHECK(k_cache.data != v_cache.data || k_cache.numel() == 0, kOp,
+  check_shape(v, op, "v", {num_tokens, num_kv_heads, head_dim});
+  check_shape(k_cache, op, "k_cache", {-1, -1, num_kv_heads, head_dim});
+  check_shape(v_cache, op, "v_cache", {k_cache.size(0), k_cache.size(1), num_kv_heads, head_dim});
+  check_shape(slot_mapping, op, "slot_mapping", {num_tokens});
+  check_same_dtype(v_cache, k_cache, op, "v_cache", "k_cache");
+  ENGINE_CHECK(k_cache.data != v_cache.data || k_cache.numel() == 0, op,
                "k_cache and v_cache must be different arrays");
 }
 
 // Every slot in [-1, num_slots); the first bad one is reported.
-void check_slots(const TensorView& slot_mapping, int64_t num_slots, const char* kOp = kOp) {
+void check_slots(const TensorView& slot_mapping, int64_t num_slots, const char* op = kOp) {
   const int32_t* slots = slot_mapping.ptr<int32_t>();
   const int64_t stride = slot_mapping.stride(0);
   for (int64_t i = 0; i < slot_mapping.size(0); ++i) {
     const int64_t slot = slots[i * stride];
     if (slot < -1 || slot >= num_slots)
-      fail(kOp, "slot_mapping[" + std::to_string(i) + "] = " + std::to_string(slot) +
+      fail(op, "slot_mapping[" + std::to_string(i) + "] = " + std::to_string(slot) +
                     " is outside the cache's " + std::to_string(num_slots) +
                     " slots (expected -1 to skip, or 0.." + std::to_string(num_slots - 1) + ")");
   }
@@ -123,24 +123,14 @@ inline void write_token(const TensorView& k, const TensorView& v, T* k_dst, T* v
            v.stride(1), v.stride(2));
 }
 
-// Calls f(T*{}) with the cache's element type.
-template <typename F>
-void with_cache_type(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::bf16: return f(static_cast<bf16_t*>(nullptr));
-    case DType::f16: return f(static_cast<f16_t*>(nullptr));
-    default: return f(static_cast<float*>(nullptr));
-  }
-}
-
 // Every token's K and V rows into their slots, each after before(i) (rope's rotation, or
 // nothing). A few KiB per token: threads would cost more than the copy for decode batches.
 template <typename F>
 void write_tokens(const TensorView& k, const TensorView& v, const TensorView& k_cache,
                   const TensorView& v_cache, const TensorView& slot_mapping, F&& before) {
   const int64_t num_tokens = k.size(0), row_size = k.size(1) * k.size(2);
-  with_cache_type(k_cache.dtype, [&](auto* type) {
-    using T = std::remove_pointer_t<decltype(type)>;
+  with_float_type(k_cache.dtype, [&](auto type) {
+    using T = decltype(type);
     T* k_dst = k_cache.ptr<T>();
     T* v_dst = v_cache.ptr<T>();
 #pragma omp parallel for schedule(static) if (num_tokens * row_size >= (1 << 16))

@@ -231,11 +231,7 @@ void run_matmul(const MatmulArgs& a) {
 
 template <class Kernel>
 void run_matmul_any(const MatmulArgs& a) {
-  switch (a.w_dtype) {
-    case DType::f16: run_matmul<Kernel, f16_t>(a); return;
-    case DType::bf16: run_matmul<Kernel, bf16_t>(a); return;
-    default: run_matmul<Kernel, float>(a); return;
-  }
+  with_float_type(a.w_dtype, [&](auto w) { run_matmul<Kernel, decltype(w)>(a); });
 }
 
 }  // namespace

@@ -5,6 +5,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "engine/tensor.h"
+
 namespace engine {
 
 inline float bf16_to_f32(uint16_t h) {
@@ -77,5 +79,16 @@ struct f16_t { uint16_t bits; };
 inline float to_f32(float v) { return v; }
 inline float to_f32(bf16_t v) { return bf16_to_f32(v.bits); }
 inline float to_f32(f16_t v) { return f16_to_f32(v.bits); }
+
+// Calls f(T{}) with the element type of a bfloat16, float16 or float32 tensor (float for any
+// other dtype: callers have checked it).
+template <typename F>
+inline void with_float_type(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::bf16: return f(bf16_t{});
+    case DType::f16: return f(f16_t{});
+    default: return f(0.0f);
+  }
+}
 
 }  // namespace engine
