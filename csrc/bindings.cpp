@@ -56,6 +56,23 @@ TensorView optional_view(const std::optional<py::array>& a, const char* op, cons
   return a ? view_of(*a, op, arg) : TensorView{};
 }
 
+// The byte ranges of C-contiguous arrays, for a kernel to request as it goes (a hint: the
+// kernel only prefetches them).
+engine::Prefetch prefetch_of(const std::vector<py::array>& arrays, const char* op) {
+  engine::Prefetch p;
+  ENGINE_CHECK(static_cast<int>(arrays.size()) <= engine::Prefetch::kMaxRanges, op,
+               "prefetch takes at most " + std::to_string(engine::Prefetch::kMaxRanges) +
+                   " arrays, got " + std::to_string(arrays.size()));
+  for (const py::array& a : arrays) {
+    ENGINE_CHECK(a.flags() & py::array::c_style, op,
+                 "prefetch array " + std::to_string(p.count) + " must be C-contiguous");
+    p.begin[p.count] = static_cast<const char*>(a.data());
+    p.bytes[p.count] = static_cast<int64_t>(a.nbytes());
+    ++p.count;
+  }
+  return p;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -93,16 +110,17 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "quant_matmul",
       [](py::array x, py::array w, const std::string& format, std::optional<py::array> bias,
-         py::array out, int64_t interleave) {
+         py::array out, int64_t interleave, const std::vector<py::array>& prefetch) {
         const char* op = "quant_matmul";
         auto xv = view_of(x, op, "x"), wv = view_of(w, op, "w");
         auto bv = optional_view(bias, op, "bias"), ov = view_of(out, op, "out", true);
+        const engine::Prefetch pf = prefetch_of(prefetch, op);
         py::gil_scoped_release nogil;
-        engine::quant_matmul(xv, wv, format, bv, ov, interleave);
+        engine::quant_matmul(xv, wv, format, bv, ov, interleave, &pf);
       },
       py::arg("x").noconvert(), py::arg("w").noconvert(), py::arg("format"),
       py::arg("bias").noconvert() = py::none(), py::arg("out").noconvert(),
-      py::arg("interleave") = 1);
+      py::arg("interleave") = 1, py::arg("prefetch") = std::vector<py::array>{});
 
   m.def(
       "quant_embedding",
@@ -231,19 +249,22 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "paged_attention",
       [](py::array q, py::array k_cache, py::array v_cache, py::array block_tables,
-         py::array seq_lens, py::array query_start_loc, double scale, py::array out) {
+         py::array seq_lens, py::array query_start_loc, double scale, py::array out,
+         const std::vector<py::array>& prefetch) {
         const char* op = "paged_attention";
         auto qv = view_of(q, op, "q");
         auto kc = view_of(k_cache, op, "k_cache"), vc = view_of(v_cache, op, "v_cache");
         auto bt = view_of(block_tables, op, "block_tables"), sl = view_of(seq_lens, op, "seq_lens");
         auto qs = view_of(query_start_loc, op, "query_start_loc");
         auto ov = view_of(out, op, "out", true);
+        const engine::Prefetch pf = prefetch_of(prefetch, op);
         py::gil_scoped_release nogil;
-        engine::paged_attention(qv, kc, vc, bt, sl, qs, scale, ov);
+        engine::paged_attention(qv, kc, vc, bt, sl, qs, scale, ov, &pf);
       },
       py::arg("q").noconvert(), py::arg("k_cache").noconvert(), py::arg("v_cache").noconvert(),
       py::arg("block_tables").noconvert(), py::arg("seq_lens").noconvert(),
-      py::arg("query_start_loc").noconvert(), py::arg("scale"), py::arg("out").noconvert());
+      py::arg("query_start_loc").noconvert(), py::arg("scale"), py::arg("out").noconvert(),
+      py::arg("prefetch") = std::vector<py::array>{});
 
   m.def(
       "sample",

@@ -302,9 +302,15 @@ void merge_group(Plan& p, const Args& a, int64_t first, int64_t last) {
 }  // namespace
 }  // namespace attention
 
+PrefetchCursor& attention::thread_prefetch() {
+  static thread_local PrefetchCursor cursor;
+  return cursor;
+}
+
 void paged_attention(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
                      const TensorView& block_tables, const TensorView& seq_lens,
-                     const TensorView& query_start_loc, double scale, const TensorView& out) {
+                     const TensorView& query_start_loc, double scale, const TensorView& out,
+                     const Prefetch* prefetch) {
   using namespace attention;
   check_tensors(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out);
   check_batch(q, k_cache, block_tables, seq_lens, query_start_loc);
@@ -322,8 +328,16 @@ void paged_attention(const TensorView& q, const TensorView& k_cache, const Tenso
   make_plan(p, a, seq_lens, query_start_loc, omp_get_max_threads());
   const AttendFn attend = pick_kernel();
   const int64_t num_items = static_cast<int64_t>(p.items.size());
-#pragma omp parallel for schedule(dynamic, 1) if (num_items > 1)
-  for (int64_t i = 0; i < num_items; ++i) attend(a, p.items[i], dest_for(p, a, i));
+  const bool ahead = prefetch != nullptr && prefetch->count > 0;
+#pragma omp parallel if (num_items > 1)
+  {
+    // Thread t takes share t of the prefetch: the rows thread t of the next matmul reads.
+    if (ahead)
+      thread_prefetch() = PrefetchCursor(*prefetch, omp_get_thread_num(), omp_get_num_threads());
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t i = 0; i < num_items; ++i) attend(a, p.items[i], dest_for(p, a, i));
+    if (ahead) thread_prefetch() = PrefetchCursor();
+  }
 
   const int64_t num_groups = static_cast<int64_t>(p.groups.size()) / 2;
   // A merge is a few KiB of arithmetic: a second parallel region costs more for a few groups.

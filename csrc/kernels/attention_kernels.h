@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "engine/convert.h"
+#include "engine/prefetch.h"
 #include "engine/tensor.h"
 
 namespace engine {
@@ -258,6 +259,10 @@ void attend_item(const Args& a, const Item& it, const Dest& d) {
 }
 
 }  // namespace
+
+// The calling thread's share of paged_attention's prefetch (engine/prefetch.h), set for
+// the parallel region; the AVX-512 kernel requests a few lines of it per value row.
+PrefetchCursor& thread_prefetch();
 
 // Per-ISA instantiations of attend_item (attention_avx2.cpp, attention_avx512.cpp).
 void attend_item_avx2(const Args& a, const Item& it, const Dest& d);

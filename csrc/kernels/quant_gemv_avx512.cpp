@@ -689,10 +689,23 @@ void run(const QuantArgs& a, const Token& x) {
   for (int64_t p = 0; p < num_parts; ++p) {
     const int64_t n1 = std::min(a.out_features, (p + 1) * part_rows);
     int64_t n = p * part_rows;
+    // The part's share of a.prefetch, a few lines after each group of rows: spread over
+    // the part, the requests share the memory with the weight stream instead of stalling it.
+    PrefetchCursor ahead;
+    int64_t lines = 0;
+    if (a.prefetch != nullptr) {
+      ahead = PrefetchCursor(*a.prefetch, p, num_parts);
+      lines = ceil_div(ahead.lines_left(), ceil_div(n1 - n, kRows));
+    }
     if constexpr (k_quant<F>())
-      for (; n + 2 * kRows <= n1; n += 2 * kRows) row_pair<F>(a, x, n);
-    for (; n < n1; n += kRows)
+      for (; n + 2 * kRows <= n1; n += 2 * kRows) {
+        row_pair<F>(a, x, n);
+        ahead.request(2 * lines);
+      }
+    for (; n < n1; n += kRows) {
       row_group<F>(a, x, n, static_cast<int>(std::min<int64_t>(kRows, n1 - n)));
+      ahead.request(lines);
+    }
   }
 }
 

@@ -58,6 +58,7 @@ struct QuantArgs {
   int64_t num_tokens;
   int64_t in_features;
   int64_t out_features;
+  const Prefetch* prefetch = nullptr;  // requested by the one-token AVX-512 kernel
 };
 
 // x quantised to q8 blocks; nb = in_features / 32 blocks per token row.

@@ -246,7 +246,8 @@ void check_interleave(QuantFormat f, int64_t interleave, const char* op) {
 }
 
 void quant_matmul(const TensorView& x, const TensorView& w, const std::string& format,
-                  const TensorView& bias, const TensorView& out, int64_t interleave) {
+                  const TensorView& bias, const TensorView& out, int64_t interleave,
+                  const Prefetch* prefetch) {
   QuantFormat f;
   try {
     f = parse_quant_format(format);
@@ -269,6 +270,7 @@ void quant_matmul(const TensorView& x, const TensorView& w, const std::string& f
   a.num_tokens = x.shape[0];
   a.in_features = x.shape[1];
   a.out_features = w.shape[0];
+  a.prefetch = prefetch != nullptr && prefetch->count > 0 ? prefetch : nullptr;
   if (a.num_tokens == 0 || a.out_features == 0) return;
 
   const std::string kernel = quant_kernel();

@@ -102,3 +102,77 @@ def test_cli_flag_reaches_the_engine(monkeypatch, capsys):
 def test_config_rejects(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EngineConfig(model="m", **kwargs)
+
+
+def test_decode_prefetches_the_kv_blocks_and_o_proj(folder, monkeypatch):
+    """A one-token step asks the QKV matmul for the KV blocks attention reads (views of the
+    cache covering the sequence's positions) and attention for o_proj's bytes; the tokens
+    are those of the same run without the requests."""
+    from engine import ops
+    from engine.model import llama
+
+    tokens = np.random.default_rng(1).integers(3, 320, 40).tolist()
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    llm = LLM(str(folder), skip_tokenizer_init=True, quantization="q8_0",
+              enable_prefix_caching=False, block_size=16)
+    model = llm.engine.runner.model
+    seen = {"matmul": [], "attention": []}
+    matmul, attention = ops.matmul, ops.paged_attention
+
+    def spy_matmul(x, w, bias=None, *, out, prefetch=()):
+        if w is model.layers[0].qkv:
+            seen["matmul"].append((x.shape[0], list(prefetch)))
+        return matmul(x, w, bias, out=out, prefetch=prefetch)
+
+    def spy_attention(*args, out, prefetch=()):
+        seen["attention"].append(list(prefetch))
+        return attention(*args, out=out, prefetch=prefetch)
+
+    monkeypatch.setattr(ops, "matmul", spy_matmul)
+    monkeypatch.setattr(ops, "paged_attention", spy_attention)
+    with_requests = llm.generate({"prompt_token_ids": tokens}, params, use_tqdm=False)
+    cache = llm.engine.runner.kv_caches[0]
+    (prefill_tokens, none), *decodes = seen["matmul"]
+    assert prefill_tokens == 40 and none == []  # the many-token kernel takes no requests
+    for step, (n, arrays) in enumerate(decodes):
+        assert n == 1 and len(arrays) % 2 == 0 and arrays
+        blocks = sum(a.shape[0] for a in arrays[::2])
+        assert blocks == -(-(40 + step + 1) // 16)  # the blocks of every position so far
+        for a in arrays:
+            assert np.shares_memory(a, cache.k) or np.shares_memory(a, cache.v)
+    num_layers = len(model.layers)
+    assert len(seen["attention"]) == len(seen["matmul"]) * num_layers
+    for call, arrays in enumerate(seen["attention"]):
+        step, layer = divmod(call, num_layers)
+        want = [] if step == 0 else [model.layers[layer].o_proj.data]
+        assert len(arrays) == len(want) and all(a is b for a, b in zip(arrays, want))
+
+    monkeypatch.setattr(llama, "PREFETCH_KV_BYTES", 0)  # no requests at all
+    monkeypatch.setattr(llama, "_weight_array", lambda w: w.data[:0])
+    without = llm.generate({"prompt_token_ids": tokens}, params, use_tqdm=False)
+    assert with_requests[0].outputs[0].token_ids == without[0].outputs[0].token_ids
+
+
+def test_kv_block_runs_merge_consecutive_blocks_within_a_budget(monkeypatch):
+    from engine.model import llama
+    from engine.model.batch import ForwardBatch, KVCache
+
+    cache = KVCache.allocate(64, 4, 1, 8, np.float32)  # 128 bytes of K a block
+    tables = np.array([[5, 6, 7, 2, 3, -1], [9, 10, 30, 31, 32, 33]], np.int32)
+
+    def runs(seq_lens):
+        batch = ForwardBatch(token_ids=np.zeros(2, np.int32), positions=np.zeros(2, np.int32),
+                             slot_mapping=np.zeros(2, np.int32),
+                             query_start_loc=np.arange(3, dtype=np.int32),
+                             seq_lens=np.array(seq_lens, np.int32), block_tables=tables,
+                             logits_indices=np.arange(2, dtype=np.int32))
+        return llama._kv_block_runs(batch, cache)
+
+    assert runs([20, 24]) == [(5, 8), (2, 4), (9, 11), (30, 34)]
+    assert runs([9, 5]) == [(5, 8), (9, 11)]  # only the blocks holding positions
+    monkeypatch.setattr(llama, "PREFETCH_KV_BYTES", 2 * 128 * 6)  # K and V of 6 blocks
+    assert runs([20, 24]) == [(5, 8), (2, 4), (9, 10)]
+    tables[1] = [9, 11, 13, 15, 17, 19]
+    monkeypatch.setattr(llama, "PREFETCH_KV_BYTES", 1 << 20)
+    assert runs([20, 24]) == [(5, 8), (2, 4), (9, 10), (11, 12), (13, 14), (15, 16),
+                              (17, 18), (19, 20)]  # 8 runs: 16 arrays, the most ops take

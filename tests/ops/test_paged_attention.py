@@ -245,3 +245,29 @@ def test_each_sequence_is_bit_identical_alone_and_in_a_batch(isa, seqs, head_dim
                             seq_lens[s:s + 1], np.array([0, end - start], np.int32), scale,
                             out=alone)
         assert np.array_equal(alone, out[start:end]), f"sequence {s} differs"
+
+
+@given(seqs=st.lists(sequence, min_size=1, max_size=3), head_dim=st.sampled_from([17, 64, 128]),
+       cache_dtype=st.sampled_from(CACHE_DTYPES), seed=st.integers(0, 2**32 - 1))
+def test_prefetch_changes_no_bit(isa, seqs, head_dim, cache_dtype, seed):
+    """prefetch is a hint (the AVX-512 kernel requests its bytes as it goes): the same bits
+    with and without it, and the arrays left alone."""
+    rng = np.random.default_rng(seed)
+    args = make_batch(rng, seqs, 2, 4, head_dim, 16, cache_dtype=cache_dtype)
+    q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out = args
+    weights = np.frombuffer(rng.bytes(3 * 4096 + 5), np.uint8)
+    arrays = [weights, weights[7:], k_cache[:1]]
+    before = [a.copy() for a in arrays]
+    want = ops.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                               scale, out=out.copy())
+    got = ops.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                              scale, out=out.copy(), prefetch=arrays)
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+    for a, b in zip(arrays, before):
+        np.testing.assert_array_equal(a.view(np.uint8), b.view(np.uint8))
+
+
+def test_prefetch_is_checked(rng):
+    args = list(make_batch(rng, [(5, 1)], 1, 2, 8, 4))
+    with pytest.raises(ValueError, match="prefetch array 0 must be C-contiguous"):
+        ops.paged_attention(*args[:7], out=args[7], prefetch=[args[1][:, :, :, ::2]])

@@ -322,3 +322,45 @@ def test_interleave_is_checked():
     with pytest.raises(ValueError, match="quant_tiles: out must not share memory with src"):
         same = np.zeros((4, 34), np.uint8)
         ops._C.quant_tiles(same, "q8_0", True, same)
+
+
+def prefetch_arrays(rng, kind: str) -> list:
+    """What a caller may ask a kernel to prefetch: cache blocks, an odd-sized byte run, an
+    empty array, or one array sliced to its bytes at an odd offset."""
+    blocks = rng.standard_normal((9, 16, 2, 8)).astype(np.float16)
+    raw = np.frombuffer(rng.bytes(4099), np.uint8)
+    return {"none": [], "blocks": [blocks[2:5], blocks[7:9]], "odd": [raw[3:], raw[:0]],
+            "many": [blocks[i:i + 1] for i in range(8)] + [raw] * 8}[kind]
+
+
+@pytest.mark.parametrize("fmt", FORMAT_NAMES)
+@given(num_tokens=st.sampled_from([1, 1, 1, 3]), out_features=st.sampled_from([1, 4, 13, 67]),
+       blocks=st.sampled_from([1, 8, 9, 72]), tiled=st.booleans(),
+       kind=st.sampled_from(["none", "blocks", "odd", "many"]), seed=st.integers(0, 2**32 - 1))
+def test_prefetch_changes_no_bit(isa, fmt, num_tokens, out_features, blocks, tiled, kind, seed):
+    """prefetch is a hint: the same bits with and without it, on every kernel (the one-token
+    AVX-512 kernel requests the arrays as it goes), and the arrays are left alone."""
+    rng = np.random.default_rng(seed)
+    in_features = FORMATS[fmt][0] * blocks
+    x = rng.standard_normal((num_tokens, in_features)).astype(np.float32)
+    w = QuantizedWeight(random_blocks(rng, fmt, out_features, in_features), fmt, in_features)
+    if tiled and fmt in TILED:
+        w = w.interleaved()
+    arrays = prefetch_arrays(rng, kind)
+    before = [a.copy() for a in arrays]
+    want = ops.matmul(x, w, out=np.empty((num_tokens, out_features), np.float32))
+    got = ops.matmul(x, w, out=np.empty((num_tokens, out_features), np.float32), prefetch=arrays)
+    np.testing.assert_array_equal(got, want)
+    for a, b in zip(arrays, before):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_prefetch_is_checked(rng):
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    w = QuantizedWeight(random_blocks(rng, "q8_0", 4, 64), "q8_0", 64)
+    out = np.empty((1, 4), np.float32)
+    strided = np.zeros((8, 8), np.float32)[:, ::2]
+    with pytest.raises(ValueError, match="prefetch array 1 must be C-contiguous"):
+        ops.matmul(x, w, out=out, prefetch=[strided[:0], strided])
+    with pytest.raises(ValueError, match="at most 16 arrays, got 17"):
+        ops.matmul(x, w, out=out, prefetch=[out] * 17)

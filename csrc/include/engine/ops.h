@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "engine/prefetch.h"
 #include "engine/tensor.h"
 
 namespace engine {
@@ -65,8 +66,11 @@ std::string quant_kernel();
 //        (kernels/quant_kernels.h: per 4 rows and 4 blocks, the 16 blocks' scales, then their
 //        codes side by side in vector lanes), which the one-token AVX-512 kernel reads
 //        without shuffling. The same results either way.
+//   prefetch: bytes the one-token AVX-512 kernel requests while it streams w (engine/
+//        prefetch.h: the KV blocks attention reads next); other kernels ignore it.
 void quant_matmul(const TensorView& x, const TensorView& w, const std::string& format,
-                  const TensorView& bias, const TensorView& out, int64_t interleave = 1);
+                  const TensorView& bias, const TensorView& out, int64_t interleave = 1,
+                  const Prefetch* prefetch = nullptr);
 
 // out[i] = dequantise(table[ids[i]]): an embedding table kept in its blocks.
 //   ids [num_tokens] i32 in [0, vocab), table [vocab, row_bytes] u8 (rows contiguous; with
@@ -161,9 +165,12 @@ void kv_cache_copy(const TensorView& k_cache, const TensorView& v_cache,
 //   seq_lens        [num_seqs] i32
 //   query_start_loc [num_seqs + 1] i32
 //   out             [num_tokens, num_q_heads, head_dim] f32
+//   prefetch        bytes the AVX-512 kernel requests as it goes (engine/prefetch.h: the
+//                   weights of the matmul after it); other kernels ignore it
 void paged_attention(const TensorView& q, const TensorView& k_cache, const TensorView& v_cache,
                      const TensorView& block_tables, const TensorView& seq_lens,
-                     const TensorView& query_start_loc, double scale, const TensorView& out);
+                     const TensorView& query_start_loc, double scale, const TensorView& out,
+                     const Prefetch* prefetch = nullptr);
 
 // Attention within each sequence of a packed batch, without a KV cache or padding:
 // sequence s owns tokens [query_start_loc[s], query_start_loc[s+1]) of q, k and v, and

@@ -42,6 +42,40 @@ def _dequantized(w):
     return w
 
 
+# A one-token step on the CPU overlaps memory with compute (ops.matmul's and
+# ops.paged_attention's prefetch): the quantised QKV matmul requests the KV blocks attention
+# reads next, at most this many bytes a layer, and attention requests o_proj's weights.
+PREFETCH_KV_BYTES = 8 << 20
+
+
+def _kv_block_runs(batch: ForwardBatch, cache: KVCache) -> list[tuple[int, int]]:
+    """Runs [first, last) of consecutive cache blocks holding the batch's cached positions
+    (the same in every layer), at most 8 (16 arrays: K and V each) and PREFETCH_KV_BYTES of
+    K and V in all."""
+    runs, budget = [], PREFETCH_KV_BYTES // (2 * cache.k[0].nbytes)
+    bs = cache.k.shape[1]
+    for s in range(batch.num_seqs):
+        ids = batch.block_tables[s, :-(-int(batch.seq_lens[s]) // bs)].tolist()
+        for b in ids:
+            if budget == 0:
+                return runs
+            budget -= 1
+            if runs and runs[-1][1] == b:
+                runs[-1] = (runs[-1][0], b + 1)
+            elif len(runs) == 8:
+                return runs
+            else:
+                runs.append((b, b + 1))
+    return runs
+
+
+def _weight_array(w) -> np.ndarray:
+    """The array holding a weight's bytes (a stack's first part)."""
+    if isinstance(w, RowStack):
+        w = w.parts[0]
+    return w.data if isinstance(w, (QuantizedWeight, PackedWeight)) else w
+
+
 def _tiles_quantised(device: str) -> bool:
     """Whether q8_0 / q4_0 / q4_1 blocks are laid out in 4-row tiles: on the CPU, where the
     AVX-512 VNNI kernels run (QuantizedWeight.interleaved)."""
@@ -220,6 +254,8 @@ class LlamaForCausalLM:
         hidden, residual = ws.hidden[:n], ws.residual[:n]
         gate_up, act = ws.gate_up[:n], ws.act[:n]
         views = _AttentionViews(c, ws, n)  # one set for every layer
+        if n == 1 and self.device == "cpu" and isinstance(self.layers[0].qkv, QuantizedWeight):
+            views.kv_runs = _kv_block_runs(batch, kv_caches[0])
         ops.embedding(batch.token_ids, self.embed, out=hidden)
         for i, layer in enumerate(self.layers):
             if i == 0:
@@ -255,11 +291,15 @@ class LlamaForCausalLM:
     def _attention(self, layer: LlamaLayer, cache: KVCache, batch: ForwardBatch, hidden,
                    views: "_AttentionViews"):
         """hidden -> qkv -> rope and cache write -> paged attention -> o_proj -> hidden."""
-        ops.matmul(hidden, layer.qkv, layer.qkv_bias, out=views.qkv)
+        kv, o_proj = (), ()
+        if views.kv_runs is not None:  # one token: overlap memory with compute (see above)
+            kv = [a[b0:b1] for b0, b1 in views.kv_runs for a in (cache.k, cache.v)]
+            o_proj = (_weight_array(layer.o_proj),)
+        ops.matmul(hidden, layer.qkv, layer.qkv_bias, out=views.qkv, prefetch=kv)
         ops.rope_kv_cache_write(batch.positions, views.q, views.k, views.v, self.cos_sin,
                                 self.config.head_dim, cache.k, cache.v, batch.slot_mapping)
         ops.paged_attention(views.q, cache.k, cache.v, batch.block_tables, batch.seq_lens,
-                            batch.query_start_loc, self.scale, out=views.out)
+                            batch.query_start_loc, self.scale, out=views.out, prefetch=o_proj)
         ops.matmul(views.attn, layer.o_proj, out=hidden)
 
 
@@ -276,3 +316,4 @@ class _AttentionViews:
         self.v = self.qkv[:, q_size + kv_size:].reshape(n, c.num_kv_heads, c.head_dim)
         self.attn = ws.attn[:n]
         self.out = self.attn.reshape(n, c.num_heads, c.head_dim)
+        self.kv_runs: list[tuple[int, int]] | None = None  # blocks to prefetch (forward)

@@ -146,23 +146,28 @@ def available_isas() -> list[str]:
     return order[order.index(_C.best_isa()):]
 
 
-def matmul(x, w, bias=None, *, out):
+def matmul(x, w, bias=None, *, out, prefetch=()):
     """out[num_tokens, out_features] = x @ w.T (+ bias).
 
     w is f32/f16/bf16, a PackedWeight (the same, laid out for the CPU's decode kernel;
     bit-identical results), a QuantizedWeight (GGUF blocks; CPU only: x is quantised on the
     fly to q8 blocks of 32 for integer dot products), or a RowStack of those (each part
     into its own columns of out).
+
+    prefetch: up to 16 C-contiguous numpy arrays whose bytes the CPU's one-token quantised
+    kernel (AVX-512 VNNI) requests into cache while it streams w: what the next op reads
+    (decode's KV blocks). A hint; other kernels ignore it, and results never depend on it.
     """
     if isinstance(w, PackedWeight):
         _require_cpu("matmul", x, bias, out)
         _C.matmul_packed(x, w.data, w.out_features, bias, out)
     elif isinstance(w, QuantizedWeight):
         _require_cpu("matmul", x, bias, out)
-        _C.quant_matmul(x, w.data, w.format, bias, out, w.interleave)
+        _C.quant_matmul(x, w.data, w.format, bias, out, w.interleave, list(prefetch))
     elif isinstance(w, RowStack):
-        for part, start, stop in zip(w.parts, w.bounds, w.bounds[1:]):
-            matmul(x, part, None if bias is None else bias[start:stop], out=out[:, start:stop])
+        for i, (part, start, stop) in enumerate(zip(w.parts, w.bounds, w.bounds[1:])):
+            matmul(x, part, None if bias is None else bias[start:stop], out=out[:, start:stop],
+                   prefetch=prefetch if i == len(w.parts) - 1 else ())
     else:
         _backend(x, w, bias, out).matmul(x, w, bias, out)
     return out
@@ -257,10 +262,19 @@ def kv_cache_copy(k_cache, v_cache, src_blocks, dst_blocks):
 
 
 def paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
-                    scale: float, *, out):
-    """Causal attention of a packed batch over the paged KV cache."""
-    _backend(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out).paged_attention(
-        q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale, out)
+                    scale: float, *, out, prefetch=()):
+    """Causal attention of a packed batch over the paged KV cache.
+
+    prefetch: up to 16 C-contiguous numpy arrays whose bytes the CPU's AVX-512 kernel
+    requests into cache as it goes (the weights of the matmul after it); a hint, ignored
+    elsewhere (the GPU included)."""
+    backend = _backend(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, out)
+    if backend is _C:
+        _C.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc, scale,
+                           out, list(prefetch))
+    else:
+        backend.paged_attention(q, k_cache, v_cache, block_tables, seq_lens, query_start_loc,
+                                scale, out)
     return out
 
 
