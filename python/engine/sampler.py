@@ -9,6 +9,7 @@ over the vocabulary happens in `ops.apply_penalties`, `ops.sample` and
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -200,7 +201,7 @@ class Sampler:
 
     def _buf(self, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
         """A contiguous [shape] view of a named buffer that only ever grows."""
-        size = int(np.prod(shape))
+        size = math.prod(shape)  # ints: np.prod costs 2-3 us a call, 6 calls a step
         buf = self._buffers.get(name)
         if buf is None or buf.size < size or buf.dtype != dtype:
             buf = self._buffers[name] = np.empty(max(size, 1), dtype)
@@ -208,7 +209,7 @@ class Sampler:
 
     def _device_buf(self, name: str, shape: tuple[int, ...], dtype):
         """A contiguous [shape] view of a named GPU buffer that only ever grows."""
-        size = int(np.prod(shape))
+        size = math.prod(shape)  # ints: np.prod costs 2-3 us a call, 6 calls a step
         buf = self._device_buffers.get(name)
         if buf is None or buf.size < size:
             buf = self._device_buffers[name] = ops.empty(max(size, 1), dtype, "cuda")
