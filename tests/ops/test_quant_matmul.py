@@ -163,6 +163,10 @@ def test_row_stack_runs_each_part_into_its_columns(rng):
         want = ops.matmul(x, p, bias[start:start + rows], out=np.empty((2, rows), np.float32))
         np.testing.assert_array_equal(out[:, start:start + rows], want)
         start += rows
+    one = x[:1]  # one token, with requests (a hint: the last part takes them)
+    np.testing.assert_array_equal(
+        ops.matmul(one, stacked, bias, out=np.empty((1, 9), np.float32), prefetch=[x, bias]),
+        out[:1])
     same = stack_rows(parts[:1] * 2)
     assert isinstance(same, QuantizedWeight) and same.shape == (6, in_features)
 

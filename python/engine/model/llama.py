@@ -254,7 +254,8 @@ class LlamaForCausalLM:
         hidden, residual = ws.hidden[:n], ws.residual[:n]
         gate_up, act = ws.gate_up[:n], ws.act[:n]
         views = _AttentionViews(c, ws, n)  # one set for every layer
-        if n == 1 and self.device == "cpu" and isinstance(self.layers[0].qkv, QuantizedWeight):
+        if n == 1 and self.device == "cpu" and isinstance(self.layers[0].qkv,
+                                                          (QuantizedWeight, RowStack)):
             views.kv_runs = _kv_block_runs(batch, kv_caches[0])
         ops.embedding(batch.token_ids, self.embed, out=hidden)
         for i, layer in enumerate(self.layers):
