@@ -332,11 +332,13 @@ void paged_attention(const TensorView& q, const TensorView& k_cache, const Tenso
 #pragma omp parallel if (num_items > 1)
   {
     // Thread t takes share t of the prefetch: the rows thread t of the next matmul reads.
-    if (ahead)
-      thread_prefetch() = PrefetchCursor(*prefetch, omp_get_thread_num(), omp_get_num_threads());
+    // Set (or emptied) on every call, so that no thread keeps an earlier call's ranges.
+    thread_prefetch() = ahead ? PrefetchCursor(*prefetch, omp_get_thread_num(),
+                                               omp_get_num_threads())
+                              : PrefetchCursor();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < num_items; ++i) attend(a, p.items[i], dest_for(p, a, i));
-    if (ahead) thread_prefetch() = PrefetchCursor();
+    thread_prefetch() = PrefetchCursor();
   }
 
   const int64_t num_groups = static_cast<int64_t>(p.groups.size()) / 2;
