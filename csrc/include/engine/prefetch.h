@@ -5,8 +5,9 @@
 // memory idle while they compute, and attention itself waits on its KV lines. So the
 // quantised one-token matmul before attention requests the KV blocks attention will read,
 // and attention requests the weights of the matmul after it: each moves bytes the next op
-// would otherwise wait for in time the memory had spare. (1B-shaped Q4_0 decode on an AMD
-// EPYC, 2 threads: 0.966-0.987x the step time.) A hint only: results never depend on it.
+// would otherwise wait for in time the memory had spare. (1B Q4_0 decode on an AMD EPYC, 2
+// threads, one process switching the requests on and off: 0.964-0.994x the step time.) A
+// hint only: results never depend on it.
 #pragma once
 
 #include <cstdint>
@@ -19,12 +20,6 @@ struct Prefetch {
   const char* begin[kMaxRanges] = {};
   int64_t bytes[kMaxRanges] = {};
   int count = 0;
-
-  int64_t total() const {
-    int64_t n = 0;
-    for (int i = 0; i < count; ++i) n += bytes[i];
-    return n;
-  }
 };
 
 // Share `part` of `parts` of a Prefetch: the same fraction of each range (so that a thread
