@@ -137,7 +137,7 @@ inline void for_each_chunk(const Args& a, const Item& it, int64_t kv_end, int64_
   const int32_t* table = a.block_tables + it.seq * a.bt_seq_stride;
   const T* k_cache = static_cast<const T*>(a.k_cache);
   const T* v_cache = static_cast<const T*>(a.v_cache);
-  // A short item's lines (a decode piece: at most 128 positions) are requested up front
+  // A short item's lines (a decode piece: at most 64 positions) are requested up front
   // too: they fit in L2, and from memory the running prefetch alone left decode waiting
   // (1B-shaped decode over 600 cold f16 positions, 2 threads: 187-251 -> 168-233 us).
   const int64_t upfront_end = kv_end - it.kv_begin <= kUpfront ? kv_end : it.kv_begin;
