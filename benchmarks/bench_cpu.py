@@ -110,6 +110,15 @@ def copy_probe(buffers: tuple[np.ndarray, np.ndarray], threads: int) -> tuple[in
     return 2 * src.nbytes, time.perf_counter() - t0
 
 
+def read_probe(buffers: tuple[np.ndarray, np.ndarray], threads: int) -> tuple[int, float]:
+    """(bytes, seconds) of one read of 1 GiB: what the threads can read at all right now,
+    the ceiling of a decode that reads its weights and writes next to nothing."""
+    src = buffers[1]  # the copy's destination: not the bytes the copy just read
+    t0 = time.perf_counter()
+    setup.parallel_read(src, threads)
+    return src.nbytes, time.perf_counter() - t0
+
+
 def lockstep(case: dict, args) -> dict:
     """engine and llama.cpp in turns (ABBA order): --prefills prefills each, then batch-1
     decode in turns of about --turn-seconds, with a copy-bandwidth sample between two turns.
@@ -127,19 +136,22 @@ def lockstep(case: dict, args) -> dict:
         w.tell("1")
     step = max(w.tell("1")["seconds"] for w in workers)  # the slower engine's warm token
     steps = max(1, round(args.turn_seconds / step))
-    left, decode_turns, copies = args.new_tokens - 2, [], []
+    left, decode_turns, copies, reads = args.new_tokens - 2, [], [], []
     buffers = (np.ones(1 << 30, np.uint8), np.ones(1 << 30, np.uint8))  # as copy_bandwidth
     while left > 0:
         n = min(steps, left)
         order = abba(len(decode_turns))
         turn = {order[0].name: order[0].tell(str(n))["seconds"]}
         copies.append(copy_probe(buffers, args.threads))
+        reads.append(read_probe(buffers, args.threads))
         turn[order[1].name] = order[1].tell(str(n))["seconds"]
         decode_turns.append(dict(tokens=n, **turn))
         left -= n
     results = {w.name: w.end() for w in workers}
     copy_rate = sum(b for b, _ in copies) / sum(s for _, s in copies)
-    return dict(results=results, turns=decode_turns, copy_bandwidth=copy_rate)
+    read_rate = sum(b for b, _ in reads) / sum(s for _, s in reads)
+    return dict(results=results, turns=decode_turns, copy_bandwidth=copy_rate,
+                read_bandwidth=read_rate)
 
 
 def median(results: list[dict], key: str) -> float:
@@ -160,14 +172,16 @@ def measure(args) -> dict:
         for name, case in cases.items():
             pair = lockstep(case, args)
             results["lockstep"].setdefault(name, []).append(
-                dict(turns=pair["turns"], copy_bandwidth=pair["copy_bandwidth"]))
+                dict(turns=pair["turns"], copy_bandwidth=pair["copy_bandwidth"],
+                     read_bandwidth=pair["read_bandwidth"]))
             for runner, out in pair["results"].items():
                 results["cases"].setdefault(name, {}).setdefault(runner, []).append(out)
                 print(f"[{repeat + 1}/{args.repeats}] {name:16s} {runner:12s} prefill "
                       f"{out['prefill_tps']:8.1f}  decode {out['decode_tps']:7.2f} tok/s  "
                       f"rss {out['peak_rss'] / 2**20:7.0f} MiB", flush=True)
             print(f"[{repeat + 1}/{args.repeats}] {name:16s} {len(pair['turns'])} turns each, copy "
-                  f"{pair['copy_bandwidth'] / 1e9:.1f} GB/s between them", flush=True)
+                  f"{pair['copy_bandwidth'] / 1e9:.1f} GB/s, read "
+                  f"{pair['read_bandwidth'] / 1e9:.1f} GB/s between them", flush=True)
             peer = case.get("transformers")
             if peer and not args.no_transformers and repeat < args.peer_repeats:
                 out = run_worker("transformers", peer, args.threads, args)
@@ -200,27 +214,30 @@ def report(results: dict, args) -> None:
           f"greedy, batch 1, median of {args.repeats} runs (fresh processes each); engine and "
           f"llama.cpp prefill ({args.prefills} each) and decode (~{args.turn_seconds} s each) "
           f"in turns, ABBA, "
-          f"a 1 GiB copy timed between two decode turns; "
+          f"a 1 GiB copy and a 1 GiB read timed between two decode turns; "
           f"KV cache: engine {args.kv_cache_dtype}, llama.cpp f16 (its default)")
     print(f"copy bandwidth (read + write), {args.threads} threads, best of 3 at the start and "
           f"end: {bandwidth / 1e9:.1f} GB/s; between the decode turns (median over runs) "
-          f"the roofline column")
+          f"the roofline columns (read: the same threads reading alone, np.bitwise_or.reduce)")
     header = (f"{'model':16s}{'runner':14s}{'prefill tok/s':>14s}{'decode tok/s':>14s}"
-              f"{'peak RSS MiB':>14s}{'weights GB/s':>14s}{'copy GB/s':>11s}")
+              f"{'peak RSS MiB':>14s}{'weights GB/s':>14s}{'copy GB/s':>11s}{'read GB/s':>11s}")
     print(header)
     ratio_lines = []
     for name, by_runner in results["cases"].items():
         row = {}
         weight_bytes = by_runner["engine"][0]["weight_bytes_per_token"]  # the same weights
-        copies = [run["copy_bandwidth"] for run in results.get("lockstep", {}).get(name, [])]
+        pairs = results.get("lockstep", {}).get(name, [])
+        copies = [run["copy_bandwidth"] for run in pairs]
         copy = statistics.median(copies) if copies else bandwidth
+        reads = [run["read_bandwidth"] for run in pairs if "read_bandwidth" in run]
+        read = statistics.median(reads) if reads else float("nan")
         for runner, runs in by_runner.items():
             prefill, decode = median(runs, "prefill_tps"), median(runs, "decode_tps")
             rss = median(runs, "peak_rss")
             gbps = decode * weight_bytes / 1e9 if runner != "transformers" else float("nan")
             row[runner] = (prefill, decode, rss, gbps)
             print(f"{name:16s}{runner:14s}{prefill:14.1f}{decode:14.2f}{rss / 2**20:14.0f}"
-                  f"{gbps:14.1f}{copy / 1e9:11.1f}")
+                  f"{gbps:14.1f}{copy / 1e9:11.1f}{read / 1e9:11.1f}")
         if "llama.cpp" in row:
             e, l = row["engine"], row["llama.cpp"]
             # each run's engine against the llama.cpp that decoded in turns with it
@@ -232,10 +249,17 @@ def report(results: dict, args) -> None:
                         for runner in ("engine", "llama.cpp")]
             else:
                 roof = [e[3] * 1e9 / bandwidth, l[3] * 1e9 / bandwidth]
+            of_read = ""
+            if reads and len(reads) == len(copies):  # the same, against the reads
+                fr = [statistics.median(run["decode_tps"] * weight_bytes / r
+                                        for run, r in zip(by_runner[runner], reads))
+                      for runner in ("engine", "llama.cpp")]
+                of_read = f"; {fr[0]:.0%} and {fr[1]:.0%} of the read bandwidth"
             ratio_lines.append(f"{name:16s} engine/llama.cpp: prefill {e[0] / l[0]:.2f}x, decode "
                                f"{e[1] / l[1]:.2f}x (paired runs: {paired:.2f}x), peak RSS "
                                f"{e[2] / l[2]:.2f}x; decode reads weights at {roof[0]:.0%} "
-                               f"(engine), {roof[1]:.0%} (llama.cpp) of the copy bandwidth")
+                               f"(engine), {roof[1]:.0%} (llama.cpp) of the copy bandwidth"
+                               f"{of_read}")
     for name, by_batch in results["batched"].items():
         for batch, runs in sorted(by_batch.items()):
             tps = median(runs, "decode_tps")
