@@ -2,10 +2,11 @@
 //
 // A step is 32 weight values: one 32-value block, or an eighth of a 256-value
 // super-block. vpmaddubsw multiplies unsigned by signed bytes into saturating 16-bit pair
-// sums, so formats without a min use llama.cpp's sign trick: |w| times x with w's sign
-// (|w| <= 128, |x| <= 127: a pair sum never saturates). q4_1 and q4_k codes are already
-// unsigned (0..15) and their min adds min * d_x * sum(q_x) / 8 per lane. vpmaddwd then
-// sums pairs into 8 i32 lanes of 4 values each.
+// sums, so q8_0 and q6_k use llama.cpp's sign trick: |w| times x with w's sign (|w| <= 128,
+// |x| <= 127: a pair sum never saturates). q4_1 and q4_k codes are already unsigned (0..15)
+// and their min adds min * d_x * sum(q_x) / 8 per lane; q4_0's codes (0..15 for -8..7) are
+// taken as they are, less 8 * sum(q_x) per lane (two operations a token, not two a row).
+// vpmaddwd then sums pairs into 8 i32 lanes of 4 values each.
 #include <immintrin.h>
 
 #include <cstring>
@@ -28,11 +29,20 @@ inline __m256i load256(const uint8_t* p) {
   return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
 }
 
-// 16 nibble bytes -> 32 codes in value order: [v & 15, v >> 4].
+// 16 nibble bytes -> 32 codes in value order: [v & 15, v >> 4]. The 16 bytes in both halves,
+// the upper half's 64-bit words shifted by 4 (a byte's high nibble down to its low one).
 inline __m256i nibbles(const uint8_t* p) {
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i both = _mm256_inserti128_si256(_mm256_castsi128_si256(v), _mm_srli_epi16(v, 4), 1);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+  const __m256i both =
+      _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_and_si256(_mm256_srlv_epi64(both, _mm256_setr_epi64x(0, 0, 4, 4)),
+                          _mm256_set1_epi8(0x0F));
+}
+
+// An f16 at any alignment in all 8 lanes (one broadcast and one conversion).
+inline __m256 broadcast_half(const uint8_t* p) {
+  uint16_t v;
+  std::memcpy(&v, p, 2);
+  return _mm256_cvtph_ps(_mm_set1_epi16(static_cast<short>(v)));
 }
 
 // 8 bytes -> 8 floats.
@@ -44,15 +54,17 @@ inline __m256 bytes_to_float(const uint8_t* p, bool is_signed) {
 // ---- formats: one step of 32 values --------------------------------------------------
 
 struct Step {
-  __m256i q;     // signed values (kSigned) or unsigned codes
+  __m256i q;     // signed values (kSigned) or unsigned codes (q4_0's: value + 8)
   __m256 scale;  // per lane
   __m256 min;    // per lane, already / 8 (formats with a min)
 };
 
 template <QuantFormat F> struct Fmt;
 
+// kOffset8: unsigned codes 0..15 standing for code - 8 (q4_0): the dot takes the codes as
+// they are, less 8 * the sum of x's codes, per 4-value lane (exact integers either way).
 template <> struct Fmt<QuantFormat::q8_0> {
-  static constexpr bool kSigned = true, kHasMin = false;
+  static constexpr bool kSigned = true, kHasMin = false, kOffset8 = false;
   static constexpr int kGroupSteps = 1;
   struct Group {};
   static void group(WeightRow, int64_t, Group&) {}
@@ -60,25 +72,25 @@ template <> struct Fmt<QuantFormat::q8_0> {
     uint8_t buf[40];
     const uint8_t* a = row.block(s, buf);
     w.q = load256(a + 2);
-    w.scale = _mm256_set1_ps(load_half(a));
+    w.scale = broadcast_half(a);
   }
 };
 
 template <> struct Fmt<QuantFormat::q4_0> {
-  static constexpr bool kSigned = true, kHasMin = false;
+  static constexpr bool kSigned = false, kHasMin = false, kOffset8 = true;
   static constexpr int kGroupSteps = 1;
   struct Group {};
   static void group(WeightRow, int64_t, Group&) {}
   static void step(WeightRow row, int64_t s, const Group&, Step& w) {
     uint8_t buf[40];
     const uint8_t* a = row.block(s, buf);
-    w.q = _mm256_sub_epi8(nibbles(a + 2), _mm256_set1_epi8(8));
-    w.scale = _mm256_set1_ps(load_half(a));
+    w.q = nibbles(a + 2);
+    w.scale = broadcast_half(a);
   }
 };
 
 template <> struct Fmt<QuantFormat::q4_1> {
-  static constexpr bool kSigned = false, kHasMin = true;
+  static constexpr bool kSigned = false, kHasMin = true, kOffset8 = false;
   static constexpr int kGroupSteps = 1;
   struct Group {};
   static void group(WeightRow, int64_t, Group&) {}
@@ -86,13 +98,13 @@ template <> struct Fmt<QuantFormat::q4_1> {
     uint8_t buf[40];
     const uint8_t* a = row.block(s, buf);
     w.q = nibbles(a + 4);
-    w.scale = _mm256_set1_ps(load_half(a));
+    w.scale = broadcast_half(a);
     w.min = _mm256_set1_ps(load_half(a + 2) * 0.125f);
   }
 };
 
 template <> struct Fmt<QuantFormat::q4_k> {
-  static constexpr bool kSigned = false, kHasMin = true;
+  static constexpr bool kSigned = false, kHasMin = true, kOffset8 = false;
   static constexpr int kGroupSteps = 8;
   struct Group {
     const uint8_t* qs;
@@ -126,7 +138,7 @@ template <> struct Fmt<QuantFormat::q4_k> {
 };
 
 template <> struct Fmt<QuantFormat::q6_k> {
-  static constexpr bool kSigned = true, kHasMin = false;
+  static constexpr bool kSigned = true, kHasMin = false, kOffset8 = false;
   static constexpr int kGroupSteps = 8;
   struct Group {
     const uint8_t* b;
@@ -198,7 +210,7 @@ struct Avx2Kernel {
         for (int r = 0; r < R; ++r)
           _mm_prefetch(reinterpret_cast<const char*>(rows[r].p) + s * step_bytes + ahead,
                        _MM_HINT_T0);
-      __m256i xv[C];
+      __m256i xv[C], x8[C];
       __m256 dx[C], sx[C];
 #pragma GCC unroll 8
       for (int c = 0; c < C; ++c) {
@@ -206,6 +218,8 @@ struct Avx2Kernel {
         xv[c] = load256(reinterpret_cast<const uint8_t*>(x.q + (t0 + c) * k_total + 32 * s));
         dx[c] = _mm256_broadcast_ss(x.d + xb);
         if constexpr (T::kHasMin) sx[c] = _mm256_broadcast_ss(x.s + xb);
+        if constexpr (T::kOffset8)  // 8 * the sum of each lane's 4 codes
+          x8[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), xv[c]), ones);
       }
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
@@ -216,7 +230,8 @@ struct Avx2Kernel {
 #pragma GCC unroll 8
         for (int c = 0; c < C; ++c) {
           const __m256i xs = T::kSigned ? _mm256_sign_epi8(xv[c], w.q) : xv[c];
-          const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), ones);
+          __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(wu, xs), ones);
+          if constexpr (T::kOffset8) dot = _mm256_sub_epi32(dot, x8[c]);
           acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(w.scale, dx[c]),
                                       acc[r][c]);
           if constexpr (T::kHasMin) acc[r][c] = _mm256_fmadd_ps(w.min, sx[c], acc[r][c]);
