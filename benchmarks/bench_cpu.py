@@ -206,6 +206,8 @@ def measure(args) -> dict:
 
 def report(results: dict, args) -> None:
     bandwidth = max(b for b in results["bandwidth"])
+    has_reads = any("read_bandwidth" in run for runs in results.get("lockstep", {}).values()
+                    for run in runs)  # runs before 9 timed only the copy
     first = next(iter(next(iter(results["cases"].values())).values()))[0]
     print()
     print(f"machine: {setup.machine_line()}")
@@ -214,11 +216,13 @@ def report(results: dict, args) -> None:
           f"greedy, batch 1, median of {args.repeats} runs (fresh processes each); engine and "
           f"llama.cpp prefill ({args.prefills} each) and decode (~{args.turn_seconds} s each) "
           f"in turns, ABBA, "
-          f"a 1 GiB copy and a 1 GiB read timed between two decode turns; "
+          f"a 1 GiB copy{' and a 1 GiB read' if has_reads else ''} timed between two decode "
+          f"turns; "
           f"KV cache: engine {args.kv_cache_dtype}, llama.cpp f16 (its default)")
     print(f"copy bandwidth (read + write), {args.threads} threads, best of 3 at the start and "
           f"end: {bandwidth / 1e9:.1f} GB/s; between the decode turns (median over runs) "
-          f"the roofline columns (read: the same threads reading alone, np.bitwise_or.reduce)")
+          f"the roofline column" + ("s (read: the same threads reading alone, "
+                                    "np.bitwise_or.reduce)" if has_reads else ""))
     header = (f"{'model':16s}{'runner':14s}{'prefill tok/s':>14s}{'decode tok/s':>14s}"
               f"{'peak RSS MiB':>14s}{'weights GB/s':>14s}{'copy GB/s':>11s}{'read GB/s':>11s}")
     print(header)

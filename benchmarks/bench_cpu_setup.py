@@ -58,9 +58,9 @@ def llama_cpp_version() -> str:
     return dist[0].name[:-len(".dist-info")].split("-")[1] if dist else "missing"
 
 
-def _in_threads(fn, arrays: list[tuple], threads: int) -> None:
-    """fn(*args) for each args of `arrays`, one thread each (numpy releases the GIL)."""
-    workers = [threading.Thread(target=fn, args=args) for args in arrays[:threads]]
+def _in_threads(fn, calls: list[tuple]) -> None:
+    """fn(*args) for each args in `calls`, one thread each, at once (numpy releases the GIL)."""
+    workers = [threading.Thread(target=fn, args=args) for args in calls]
     for w in workers:
         w.start()
     for w in workers:
@@ -74,7 +74,7 @@ def _spans(n: int, threads: int) -> list[tuple[int, int]]:
 
 def parallel_copy(dst: np.ndarray, src: np.ndarray, threads: int) -> None:
     """dst[:] = src, split into `threads` spans copied at once (np.copyto releases the GIL)."""
-    _in_threads(np.copyto, [(dst[a:b], src[a:b]) for a, b in _spans(len(src), threads)], threads)
+    _in_threads(np.copyto, [(dst[a:b], src[a:b]) for a, b in _spans(len(src), threads)])
 
 
 def parallel_read(src: np.ndarray, threads: int) -> None:
@@ -82,8 +82,7 @@ def parallel_read(src: np.ndarray, threads: int) -> None:
     `threads` spans at once: an OR over its 64-bit words, which computes far faster than
     memory delivers (about 47 GB/s a thread from cache here), so that the time is the read's."""
     words = src.view(np.uint64)
-    _in_threads(np.bitwise_or.reduce, [(words[a:b],) for a, b in _spans(len(words), threads)],
-                threads)
+    _in_threads(np.bitwise_or.reduce, [(words[a:b],) for a, b in _spans(len(words), threads)])
 
 
 def copy_bandwidth(threads: int, size: int = 1 << 30) -> float:
